@@ -1,0 +1,5 @@
+"""``python -m cuebx`` runs the command line."""
+
+from cuebx.cli import main
+
+main()

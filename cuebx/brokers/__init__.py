@@ -1,0 +1,1 @@
+"""Broker implementations behind one protocol (`cuebx.brokers.base.Broker`)."""

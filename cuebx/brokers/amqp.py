@@ -1,0 +1,424 @@
+"""RabbitMQ through aio-pika: the only module of cuebx that imports aio-pika or aiormq.
+
+One robust connection per broker (aio-pika reconnects it and reopens its channels), one
+channel with publisher confirms shared by every publisher in the process, and one channel
+per consumed queue with its own ``basic.qos`` prefetch. Publishing and consuming go
+straight to the aiormq channel under aio-pika's robust one: aio-pika's message objects
+cost more per message than everything else cuebx does. aio-pika and aiormq exceptions are
+translated into cuebx's at this boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import anyio
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aiormq.abc import DeliveredMessage
+from anyio.streams.memory import MemoryObjectSendStream
+from pamqp import commands as spec
+
+from cuebx.brokers.base import Delivery, mask_url
+from cuebx.errors import (
+    BrokerUnavailableError,
+    PublishError,
+    PublishTimeoutError,
+    TopologyConflictError,
+    TopologyError,
+    UnroutableError,
+)
+from cuebx.message import OutgoingMessage
+from cuebx.topology import Topology
+
+__all__ = ["AmqpBroker"]
+
+logger = logging.getLogger("cuebx.amqp")
+
+_PERSISTENT = 2
+_LOST_CHANNEL = (
+    aiormq.exceptions.ChannelInvalidStateError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    RuntimeError,
+)
+
+
+class _AmqpDelivery:
+    """A received message: aiormq's frame and properties, read lazily, acked on its channel."""
+
+    __slots__ = ("_channel", "_props", "_tag", "body", "redelivered")
+
+    def __init__(self, message: DeliveredMessage) -> None:
+        delivery = message.delivery
+        assert isinstance(delivery, spec.Basic.Deliver)
+        self._channel = message.channel
+        self._props = message.header.properties
+        self._tag: int = delivery.delivery_tag or 0
+        self.body = message.body
+        self.redelivered = bool(delivery.redelivered)
+
+    @property
+    def headers(self) -> Mapping[str, Any]:
+        return self._props.headers or {}
+
+    @property
+    def message_id(self) -> str | None:
+        return self._props.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self._props.correlation_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self._props.content_type
+
+    @property
+    def priority(self) -> int | None:
+        return self._props.priority
+
+    @property
+    def timestamp(self) -> datetime | None:
+        return self._props.timestamp
+
+    async def ack(self) -> None:
+        try:
+            await self._channel.basic_ack(self._tag)
+        except _LOST_CHANNEL as exc:
+            # The channel that delivered it is gone, so RabbitMQ has already put the
+            # message back in its queue: it will be delivered again.
+            logger.warning(
+                "could not ack message %s, it will be redelivered: %s", self.message_id, exc
+            )
+
+    async def reject(self, *, requeue: bool) -> None:
+        try:
+            await self._channel.basic_reject(self._tag, requeue=requeue)
+        except _LOST_CHANNEL as exc:
+            logger.warning(
+                "could not reject message %s, it will be redelivered: %s", self.message_id, exc
+            )
+
+
+class _Subscription:
+    """One queue's consumer on its own channel; re-registered after a reconnection."""
+
+    def __init__(
+        self,
+        channel: AbstractRobustChannel,
+        queue: str,
+        deliveries: MemoryObjectSendStream[Delivery],
+    ) -> None:
+        self.channel = channel
+        self.queue = queue
+        self.deliveries = deliveries
+        self.consumer_tag: str | None = None
+        self.active = True
+
+    async def _on_message(self, message: DeliveredMessage) -> None:
+        try:
+            await self.deliveries.send(_AmqpDelivery(message))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # The worker stopped reading between basic.cancel and this delivery; the
+            # message stays unacked and goes back to the queue when the channel closes.
+            pass
+
+    async def start(self) -> None:
+        underlay = await self.channel.get_underlay_channel()
+        ok = await underlay.basic_consume(self.queue, self._on_message, no_ack=False)
+        self.consumer_tag = ok.consumer_tag
+
+    async def resume(self) -> None:
+        if self.active:
+            logger.info("reconnected: consuming %r again", self.queue)
+            await self.start()
+
+    async def cancel(self) -> None:
+        self.active = False
+        if self.consumer_tag is None or self.channel.is_closed:
+            return
+        try:
+            underlay = await self.channel.get_underlay_channel()
+            await underlay.basic_cancel(self.consumer_tag)
+        except _LOST_CHANNEL as exc:
+            logger.debug("basic.cancel on %r failed: %s", self.queue, exc)
+
+    async def close(self) -> None:
+        await self.cancel()
+        if not self.channel.is_closed:
+            try:
+                await self.channel.close()
+            except _LOST_CHANNEL as exc:
+                logger.debug("closing the channel of %r failed: %s", self.queue, exc)
+
+
+class AmqpBroker:
+    """The `Broker` protocol on RabbitMQ.
+
+    Args:
+        url: ``amqp://user:password@host:port/vhost``.
+        publish_timeout: seconds to wait for a publisher confirm, including any time spent
+            waiting for a lost connection to come back.
+        connect_timeout: seconds to wait for the first connection.
+        connection_name: shown in the management UI and ``rabbitmqctl list_connections``.
+        reconnect_interval: seconds between attempts to get a lost connection back.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        publish_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+        connection_name: str | None = None,
+        reconnect_interval: float = 1.0,
+    ) -> None:
+        self.url = url
+        self.reconnect_interval = reconnect_interval
+        self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self.connection_name = connection_name or "cuebx"
+        self._connection: AbstractRobustConnection | None = None
+        self._publisher: AbstractRobustChannel | None = None
+        self._subscriptions: list[_Subscription] = []
+        self._lock = anyio.Lock()
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        async with self._lock:
+            if self._connection is not None and not self._connection.is_closed:
+                return
+            try:
+                with anyio.fail_after(self.connect_timeout):
+                    connection = await aio_pika.connect_robust(
+                        self.url,
+                        client_properties={"connection_name": self.connection_name},
+                        reconnect_interval=self.reconnect_interval,
+                    )
+            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                raise BrokerUnavailableError(
+                    f"cannot connect to RabbitMQ at {mask_url(self.url)}: "
+                    f"{exc or type(exc).__name__}"
+                ) from exc
+            connection.reconnect_callbacks.add(self._on_reconnect)
+            self._publisher = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+            self._connection = connection
+
+    async def _on_reconnect(self, *_: Any) -> None:
+        for subscription in self._subscriptions:
+            await subscription.resume()
+
+    def _require(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerUnavailableError(
+                f"not connected to {mask_url(self.url)}: call `await app.connect()` first"
+            )
+        return self._connection
+
+    async def close(self) -> None:
+        async with self._lock:
+            connection, self._connection = self._connection, None
+            subscriptions, self._subscriptions = self._subscriptions, []
+            if connection is None:
+                return
+            for subscription in subscriptions:
+                await subscription.close()
+            await connection.close()
+
+    # -- topology ---------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _scratch_channel(self, queue: str | None = None) -> AsyncIterator[Any]:
+        """Open a short-lived channel: an operation the broker refuses closes only it.
+
+        A missing `queue` is reported as a `LookupError` naming it.
+        """
+        channel = await self._require().channel(publisher_confirms=False)
+        try:
+            yield await channel.get_underlay_channel()
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            if queue is None:
+                raise
+            raise LookupError(f"queue {queue!r} does not exist") from None
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    async def declare(self, topology: Topology) -> None:
+        async with self._scratch_channel() as channel:
+            await channel.exchange_declare(topology.exchange, exchange_type="direct", durable=True)
+            for queue in topology.queues:
+                try:
+                    await channel.queue_declare(
+                        queue.name, durable=True, arguments=dict(queue.arguments)
+                    )
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise TopologyConflictError(
+                        queue.name, _precondition_detail(exc), queue.arguments
+                    ) from None
+                except aiormq.exceptions.AMQPError as exc:
+                    raise TopologyError(f"cannot declare queue {queue.name!r}: {exc}") from exc
+                for key in queue.routing_keys:
+                    await channel.queue_bind(queue.name, topology.exchange, routing_key=key)
+
+    async def delete(self, topology: Topology) -> None:
+        async with self._scratch_channel() as channel:
+            for queue in reversed(topology.queues):
+                await channel.queue_delete(queue.name)
+
+    async def queue_length(self, queue: str) -> int:
+        async with self._scratch_channel(queue) as channel:
+            ok = await channel.queue_declare(queue, passive=True)
+            return int(ok.message_count or 0)
+
+    async def peek(self, queue: str, limit: int = 1000) -> list[OutgoingMessage]:
+        """Read up to `limit` ready messages of `queue` without taking them.
+
+        Each is fetched with basic.get and left unacked; closing the channel afterwards
+        puts them all back where they were, marked redelivered. So peek at queues no
+        worker consumes (dead-letter queues): a worker counts redeliveries on classic
+        queues, and a quorum queue counts them against its delivery limit.
+        """
+        found: list[OutgoingMessage] = []
+        async with self._scratch_channel(queue) as channel:
+            while len(found) < limit:
+                message = await channel.basic_get(queue, no_ack=False)
+                if not isinstance(message.delivery, spec.Basic.GetOk):
+                    break
+                found.append(_as_outgoing(message))
+        return found
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+        if self._publisher is None:
+            self._require()
+        assert self._publisher is not None
+        properties = spec.Basic.Properties(
+            content_type=message.content_type,
+            delivery_mode=_PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            headers=dict(message.headers),
+        )
+        try:
+            with anyio.fail_after(self.publish_timeout):
+                underlay = await self._publisher.get_underlay_channel()
+                confirm = await underlay.basic_publish(
+                    message.body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"no confirm from {mask_url(self.url)} within {self.publish_timeout:g}s for "
+                f"message {message.message_id} to {_target(exchange, routing_key)}; it may or "
+                "may not have been stored"
+            ) from None
+        except aiormq.exceptions.PublishError:
+            raise UnroutableError(
+                f"message {message.message_id} to {_target(exchange, routing_key)} was "
+                "returned: no queue is bound for that routing key (declare the topology first)"
+            ) from None
+        except _LOST_CHANNEL as exc:
+            raise PublishError(
+                f"message {message.message_id} to {_target(exchange, routing_key)} was not "
+                f"confirmed: {exc or type(exc).__name__}"
+            ) from exc
+        if not isinstance(confirm, spec.Basic.Ack):
+            raise PublishError(
+                f"message {message.message_id} to {_target(exchange, routing_key)} was "
+                "nacked by the broker"
+            )
+
+    async def publish_many(
+        self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int
+    ) -> list[BaseException | None]:
+        results: list[BaseException | None] = [None] * len(items)
+        cursor = iter(range(len(items)))
+
+        async def lane() -> None:
+            for index in cursor:
+                routing_key, message = items[index]
+                try:
+                    await self.publish(exchange, routing_key, message)
+                except PublishError as exc:
+                    results[index] = exc
+
+        async with anyio.create_task_group() as group:
+            for _ in range(max(1, min(window, len(items)))):
+                group.start_soon(lane)
+        return results
+
+    # -- consuming --------------------------------------------------------------------------
+
+    async def consume(
+        self, queue: str, prefetch: int, deliveries: MemoryObjectSendStream[Delivery]
+    ) -> _Subscription:
+        connection = self._require()
+        channel = await connection.channel(publisher_confirms=False)
+        # set_qos through aio-pika so that the robust channel restores it on reconnect.
+        await channel.set_qos(prefetch_count=prefetch)
+        subscription = _Subscription(channel, queue, deliveries)
+        try:
+            await subscription.start()
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise TopologyError(f"cannot consume queue {queue!r}: it does not exist") from None
+        self._subscriptions.append(subscription)
+        return subscription
+
+
+_INEQUIVALENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)'.*?"
+    r"received (?:none|the value '(?P<received>.*?)' of type '\w+')"
+    r" but current is (?:none|the value '(?P<current>.*?)' of type '\w+')"
+)
+
+
+def _precondition_detail(exc: BaseException) -> str:
+    """Turn RabbitMQ's PRECONDITION_FAILED text into "argument 'x': cuebx wants A, ..."."""
+    text = str(exc.args[0] if exc.args else exc)
+    match = _INEQUIVALENT.search(text)
+    if match is None:
+        return text
+    return (
+        f"argument {match['arg']!r}: cuebx wants {_show(match['received'])}, "
+        f"the broker has {_show(match['current'])}"
+    )
+
+
+def _show(value: str | None) -> str:
+    if value is None:
+        return "none"
+    return value if value.lstrip("-").isdigit() else repr(value)
+
+
+def _as_outgoing(message: DeliveredMessage) -> OutgoingMessage:
+    props = message.header.properties
+    return OutgoingMessage(
+        body=message.body,
+        message_id=props.message_id or "",
+        correlation_id=props.correlation_id or "",
+        content_type=props.content_type,
+        headers=dict(props.headers or {}),
+        timestamp=props.timestamp or datetime.fromtimestamp(0, UTC),
+        priority=props.priority,
+    )
+
+
+def _target(exchange: str, routing_key: str) -> str:
+    return f"exchange {exchange!r} routing key {routing_key!r}"

@@ -1,0 +1,150 @@
+"""The broker protocol: queues and bytes, never tasks.
+
+A broker declares a `Topology`, publishes `OutgoingMessage` values with confirms, and feeds
+deliveries of one queue into a stream the worker reads. Two implementations stand behind it:
+`cuebx.brokers.amqp` (RabbitMQ through aio-pika) and `cuebx.brokers.memory` (in process).
+Brokers are chosen by URL scheme and imported lazily, so ``memory://`` never loads aio-pika.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
+
+from anyio.streams.memory import MemoryObjectSendStream
+
+from cuebx.message import OutgoingMessage
+from cuebx.topology import Topology
+
+__all__ = ["Broker", "Delivery", "Subscription", "broker_for_url", "mask_url"]
+
+
+@runtime_checkable
+class Delivery(Protocol):
+    """One message received from a queue, to be acked or rejected exactly once."""
+
+    @property
+    def body(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, Any]: ...
+    @property
+    def message_id(self) -> str | None: ...
+    @property
+    def correlation_id(self) -> str | None: ...
+    @property
+    def content_type(self) -> str | None: ...
+    @property
+    def priority(self) -> int | None: ...
+    @property
+    def timestamp(self) -> datetime | None: ...
+    @property
+    def redelivered(self) -> bool: ...
+
+    async def ack(self) -> None:
+        """Acknowledge: the broker forgets the message. A lost channel is not an error:
+        the broker redelivers what was not acked."""
+
+    async def reject(self, *, requeue: bool) -> None:
+        """Reject: requeue it, or let the broker dead-letter (or drop) it."""
+
+
+class Subscription(Protocol):
+    """A running consumer of one queue."""
+
+    async def cancel(self) -> None:
+        """Stop new deliveries (basic.cancel); delivered ones can still be acked."""
+
+    async def close(self) -> None:
+        """Cancel, then close the consumer's channel: unacked deliveries are requeued."""
+
+
+class Broker(Protocol):
+    """What cuebx needs from a broker."""
+
+    url: str
+
+    async def connect(self) -> None:
+        """Open the connection (idempotent)."""
+
+    async def close(self) -> None:
+        """Close everything; unacked deliveries go back to their queues."""
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare the exchange, queues and bindings.
+
+        Raises:
+            TopologyConflictError: a queue exists with other arguments.
+        """
+
+    async def delete(self, topology: Topology) -> None:
+        """Delete the queues of `topology` (not the exchange, which others may share)."""
+
+    async def publish(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+        """Publish one persistent, mandatory message and wait for its confirm.
+
+        Raises:
+            UnroutableError: no queue is bound for the routing key.
+            PublishError: the broker nacked it, or the connection failed.
+            PublishTimeoutError: no confirm within the broker's publish timeout.
+        """
+
+    async def publish_many(
+        self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int
+    ) -> list[BaseException | None]:
+        """Publish many messages, at most `window` unconfirmed at once.
+
+        Returns:
+            One entry per item, in order: None when confirmed, else the error.
+        """
+
+    async def consume(
+        self, queue: str, prefetch: int, deliveries: MemoryObjectSendStream[Delivery]
+    ) -> Subscription:
+        """Start consuming `queue` with `prefetch` unacked messages at most.
+
+        Deliveries are sent into `deliveries`; the call returns once the broker has
+        registered the consumer.
+        """
+
+    async def queue_length(self, queue: str) -> int:
+        """Return how many messages are ready in `queue` (not counting unacked ones)."""
+
+    async def peek(self, queue: str, limit: int = 1000) -> list[OutgoingMessage]:
+        """Return up to `limit` ready messages of `queue`, in order, leaving them there."""
+
+
+_SCHEMES = {
+    "amqp": "cuebx.brokers.amqp:AmqpBroker",
+    "amqps": "cuebx.brokers.amqp:AmqpBroker",
+    "memory": "cuebx.brokers.memory:MemoryBroker",
+}
+
+
+def broker_for_url(url: str, **options: Any) -> Broker:
+    """Build the broker for a URL by its scheme, importing its module only now."""
+    scheme = urlsplit(url).scheme
+    try:
+        module_name, _, attr = _SCHEMES[scheme].partition(":")
+    except KeyError:
+        raise ValueError(
+            f"broker URL {mask_url(url)!r} has scheme {scheme!r}; "
+            f"use one of: {', '.join(sorted(_SCHEMES))}"
+        ) from None
+    factory = getattr(importlib.import_module(module_name), attr)
+    broker: Broker = factory(url, **options)
+    return broker
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -1,0 +1,1026 @@
+"""An in-process broker with RabbitMQ's semantics, on a clock that tests move by hand.
+
+`MemoryBroker` is a second real implementation of `cuebx.brokers.base.Broker`, not a mock:
+it routes through a direct exchange and the default exchange, refuses unroutable mandatory
+publishes, bounds unacked deliveries by prefetch, round-robins consumers, orders by
+``x-max-priority``, expires by ``x-message-ttl`` and dead-letters through
+``x-dead-letter-exchange`` / ``x-dead-letter-routing-key`` with an ``x-death`` header, counts
+quorum-queue redeliveries against ``x-delivery-limit``, refuses a redeclaration with other
+arguments, and requeues whatever is unacked when a channel closes. So a retry ladder runs
+end to end in a unit test: advance the clock by 30 seconds and the message that waited in
+``Q.retry.30s`` is back in ``Q``, delivered to the worker, with its ``x-death`` entry.
+
+Time is a `Clock` that stands still until `Clock.advance` moves it (TTLs expire in time
+order as it passes them); ``MemoryBroker(url, real_time=True)`` makes it follow the
+monotonic clock as well, with a timer task owned by the broker between `connect` and `close`.
+
+Not modelled, on purpose: exchange types other than direct, policies, per-message
+``expiration``, ``x-max-length`` / ``x-overflow`` (so ``reject-publish`` never rejects),
+``x-expires``, ``x-single-active-consumer``, quorum-queue priorities, and the retention of
+unroutable dead letters by ``x-dead-letter-strategy: at-least-once`` (here a dead letter
+nobody is bound for is dropped, as with the default at-most-once strategy). Publisher confirms
+are always positive: nothing is lost in memory. Each broker object is its own server: two
+``MemoryBroker("memory://same")`` objects share nothing; the name only shows in messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal, TypeVarTuple
+from urllib.parse import urlsplit
+
+import anyio
+from anyio.abc import TaskGroup
+from anyio.lowlevel import checkpoint
+from anyio.streams.memory import MemoryObjectSendStream
+
+from cuebx.brokers.base import Delivery
+from cuebx.errors import (
+    BrokerError,
+    BrokerUnavailableError,
+    PublishError,
+    TopologyConflictError,
+    TopologyError,
+    UnroutableError,
+)
+from cuebx.message import OutgoingMessage
+from cuebx.topology import Topology
+
+__all__ = ["Clock", "MemoryBroker"]
+
+DeathReason = Literal["expired", "rejected", "delivery_limit"]
+Outcome = Literal["acked", "rejected", "returned"]
+Ts = TypeVarTuple("Ts")
+
+_NS_PER_S: Final = 1_000_000_000
+_NS_PER_MS: Final = 1_000_000
+
+#: The queue arguments RabbitMQ compares when a queue of that type is declared again (its
+#: ``queue_arguments`` capability); it ignores the others, e.g. a classic queue's
+#: ``x-delivery-limit``.
+_CHECKED_ARGUMENTS: Final[Mapping[str, frozenset[str]]] = {
+    "classic": frozenset(
+        {
+            "x-dead-letter-exchange",
+            "x-dead-letter-routing-key",
+            "x-expires",
+            "x-max-length",
+            "x-max-length-bytes",
+            "x-max-priority",
+            "x-message-ttl",
+            "x-overflow",
+            "x-queue-master-locator",
+            "x-queue-mode",
+            "x-queue-type",
+            "x-queue-version",
+            "x-single-active-consumer",
+        }
+    ),
+    "quorum": frozenset(
+        {
+            "x-dead-letter-exchange",
+            "x-dead-letter-routing-key",
+            "x-dead-letter-strategy",
+            "x-delivery-limit",
+            "x-expires",
+            "x-max-in-memory-bytes",
+            "x-max-in-memory-length",
+            "x-max-length",
+            "x-max-length-bytes",
+            "x-message-ttl",
+            "x-overflow",
+            "x-queue-leader-locator",
+            "x-queue-type",
+            "x-quorum-initial-group-size",
+            "x-single-active-consumer",
+        }
+    ),
+}
+
+
+class Clock:
+    """The broker's time, in whole nanoseconds so that TTL arithmetic is exact.
+
+    It starts at 0 and stands still until `advance` moves it, so a test decides to the
+    millisecond when a retry tier's TTL runs out. With ``real_time=True`` it also follows
+    the monotonic clock, and `advance` jumps ahead of it.
+    """
+
+    def __init__(self, *, real_time: bool = False) -> None:
+        self.real_time = real_time
+        self._origin_ns = time.monotonic_ns()
+        self._skipped_ns = 0
+        self._started_at = datetime.now(UTC)
+        self._next_due: Callable[[], int | None] = lambda: None
+        self._on_moved: Callable[[], None] = lambda: None
+
+    def _bind(self, next_due: Callable[[], int | None], on_moved: Callable[[], None]) -> None:
+        self._next_due = next_due
+        self._on_moved = on_moved
+
+    def now(self) -> float:
+        """Return the time in seconds since the broker was created."""
+        return self.now_ns() / _NS_PER_S
+
+    def now_ns(self) -> int:
+        """Return the time in nanoseconds since the broker was created."""
+        elapsed = time.monotonic_ns() - self._origin_ns if self.real_time else 0
+        return elapsed + self._skipped_ns
+
+    def wall(self) -> datetime:
+        """Return the time as a UTC datetime (the broker's creation plus `now`)."""
+        return self._started_at + timedelta(microseconds=self.now_ns() // 1000)
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward, expiring messages whose TTL runs out on the way, in time order.
+
+        Time stops at each expiry so that a message dead-lettered into a queue with its own
+        TTL expires from there at the right moment, as with RabbitMQ's own timers.
+
+        Raises:
+            ValueError: `seconds` is negative or not finite: time only moves forward.
+        """
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError(f"cannot advance the clock by {seconds!r}s: time only moves forward")
+        target = self.now_ns() + round(seconds * _NS_PER_S)
+        while (due := self._next_due()) is not None and due <= target:
+            self._move_to(due)
+            self._on_moved()
+            await checkpoint()
+        self._move_to(target)
+        self._on_moved()
+        await checkpoint()
+
+    def _move_to(self, ns: int) -> None:
+        self._skipped_ns += max(0, ns - self.now_ns())
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    """One copy of a message in one queue; a requeue makes a new entry in the same place."""
+
+    message: OutgoingMessage
+    queue: _Queue
+    exchange: str
+    routing_key: str
+    seq: int
+    priority: int
+    expires_ns: int | None
+    returns: int = 0
+    ready: bool = False
+
+
+class _Queue:
+    """A queue: ready entries in delivery order, and its consumers in round-robin order."""
+
+    def __init__(self, name: str, arguments: Mapping[str, Any]) -> None:
+        self.name = name
+        self.arguments: dict[str, Any] = dict(arguments)
+        ttl = arguments.get("x-message-ttl")
+        self.ttl_ns: int | None = None if ttl is None else int(ttl) * _NS_PER_MS
+        self.max_priority: int | None = arguments.get("x-max-priority")
+        self.quorum = arguments.get("x-queue-type") == "quorum"
+        # Classic queues ignore x-delivery-limit; only quorum queues count redeliveries.
+        self.delivery_limit: int | None = arguments.get("x-delivery-limit") if self.quorum else None
+        self.consumers: deque[_Consumer] = deque()
+        self.ready = 0
+        self.deleted = False
+        # Highest priority first, then first in first out; entries that left are skipped.
+        self._heap: list[tuple[int, int, int, _Entry]] = []
+        self._pushes = itertools.count()
+
+    def priority_of(self, message: OutgoingMessage) -> int:
+        """RabbitMQ treats priorities above ``x-max-priority`` as the maximum."""
+        if self.max_priority is None:
+            return 0
+        return min(max(message.priority or 0, 0), self.max_priority)
+
+    def push(self, entry: _Entry) -> None:
+        entry.ready = True
+        self.ready += 1
+        heapq.heappush(self._heap, (-entry.priority, entry.seq, next(self._pushes), entry))
+
+    def pop(self) -> _Entry | None:
+        while self._heap:
+            entry = heapq.heappop(self._heap)[3]
+            if entry.ready:
+                self.remove(entry)
+                return entry
+        return None
+
+    def remove(self, entry: _Entry) -> None:
+        entry.ready = False
+        self.ready -= 1
+
+    def snapshot(self) -> list[_Entry]:
+        return [item[3] for item in sorted(self._heap) if item[3].ready]
+
+    def clear(self) -> int:
+        count = self.ready
+        for item in self._heap:
+            item[3].ready = False
+        self._heap.clear()
+        self.ready = 0
+        return count
+
+    def next_consumer(self) -> _Consumer | None:
+        """Pick the next consumer with room, rotating so that consumers take turns."""
+        for _ in range(len(self.consumers)):
+            consumer = self.consumers[0]
+            self.consumers.rotate(-1)
+            if consumer.has_room():
+                return consumer
+        return None
+
+
+class _Consumer:
+    """One ``basic.consume``: the stream it feeds and the deliveries it has not settled."""
+
+    def __init__(
+        self, tag: str, queue: _Queue, prefetch: int, stream: MemoryObjectSendStream[Delivery]
+    ) -> None:
+        self.tag = tag
+        self.queue = queue
+        self.prefetch = prefetch
+        self.stream = stream
+        self.active = True
+        self.unacked: dict[int, _MemoryDelivery] = {}
+        # A delivery waiting for room in a full stream, sent by a task of the broker.
+        self.sending: _MemoryDelivery | None = None
+        self.sender: anyio.CancelScope | None = None
+
+    def has_room(self) -> bool:
+        # prefetch 0 means no limit, as with basic.qos.
+        within = self.prefetch == 0 or len(self.unacked) < self.prefetch
+        return self.active and self.sending is None and within
+
+
+class _MemoryDelivery:
+    """A delivered message; settling it goes back to the broker, exactly once."""
+
+    __slots__ = ("_broker", "consumer", "delivery_tag", "entry", "headers", "outcome")
+
+    def __init__(self, broker: MemoryBroker, consumer: _Consumer, entry: _Entry, tag: int) -> None:
+        self._broker = broker
+        self.consumer = consumer
+        self.entry = entry
+        self.delivery_tag = tag
+        self.outcome: Outcome | None = None
+        headers = dict(entry.message.headers)
+        if entry.queue.quorum and entry.returns:
+            # Quorum queues tell consumers how often a message came back.
+            headers["x-delivery-count"] = entry.returns
+        self.headers: Mapping[str, Any] = headers
+
+    @property
+    def message(self) -> OutgoingMessage:
+        """The message as stored in the queue (dead-letter headers included)."""
+        return self.entry.message
+
+    @property
+    def queue(self) -> str:
+        return self.entry.queue.name
+
+    @property
+    def exchange(self) -> str:
+        return self.entry.exchange
+
+    @property
+    def routing_key(self) -> str:
+        return self.entry.routing_key
+
+    @property
+    def body(self) -> bytes:
+        return self.entry.message.body
+
+    @property
+    def message_id(self) -> str | None:
+        return self.entry.message.message_id
+
+    @property
+    def correlation_id(self) -> str | None:
+        return self.entry.message.correlation_id
+
+    @property
+    def content_type(self) -> str | None:
+        return self.entry.message.content_type
+
+    @property
+    def priority(self) -> int | None:
+        return self.entry.message.priority
+
+    @property
+    def timestamp(self) -> datetime | None:
+        return self.entry.message.timestamp
+
+    @property
+    def redelivered(self) -> bool:
+        return self.entry.returns > 0
+
+    async def ack(self) -> None:
+        """Acknowledge; a no-op once the channel closed (the message is back in its queue).
+
+        Raises:
+            BrokerError: the delivery was already acked or rejected.
+        """
+        await checkpoint()
+        self._broker._settle(self, "acked", requeue=False)
+
+    async def reject(self, *, requeue: bool) -> None:
+        """Requeue, or dead-letter per the queue's arguments (reason ``rejected``) or drop.
+
+        Raises:
+            BrokerError: the delivery was already acked or rejected.
+        """
+        await checkpoint()
+        self._broker._settle(self, "rejected", requeue=requeue)
+
+
+class _MemorySubscription:
+    """A running consumer of a `MemoryBroker`."""
+
+    def __init__(self, broker: MemoryBroker, consumer: _Consumer) -> None:
+        self._broker = broker
+        self._consumer = consumer
+
+    @property
+    def consumer_tag(self) -> str:
+        return self._consumer.tag
+
+    async def cancel(self) -> None:
+        """Stop new deliveries (``basic.cancel``); unacked ones stay until settled."""
+        await checkpoint()
+        self._broker._cancel(self._consumer)
+
+    async def close(self) -> None:
+        """Cancel and close the consumer's channel: its unacked deliveries are requeued."""
+        await checkpoint()
+        self._broker._close_consumer(self._consumer)
+
+
+class _TaskHost:
+    """The broker's own task group, held open by one host task from `connect` to `close`.
+
+    A task group is entered and left by the same task, and `connect` and `close` may run in
+    different tasks (a FastAPI lifespan, a pytest fixture), so a host task holds it. That
+    task is the one asyncio-specific piece; the tasks inside it are plain anyio.
+    """
+
+    def __init__(self) -> None:
+        self._group: TaskGroup | None = None
+        self._stop: anyio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("MemoryBroker runs on anyio's asyncio backend only") from None
+        started = anyio.Event()
+        stop = self._stop = anyio.Event()
+
+        async def host() -> None:
+            async with anyio.create_task_group() as group:
+                self._group = group
+                started.set()
+                await stop.wait()
+                group.cancel_scope.cancel()
+
+        self._task = loop.create_task(host(), name="cuebx memory broker")
+        # Shielded: a connect() cancelled here must still leave a host that close() stops.
+        with anyio.CancelScope(shield=True):
+            await started.wait()
+
+    def start_soon(self, func: Callable[[*Ts], Coroutine[Any, Any, None]], *args: *Ts) -> None:
+        if self._group is None:
+            raise BrokerUnavailableError("the memory broker is closed")
+        self._group.start_soon(func, *args)
+
+    async def stop(self) -> None:
+        task, self._task, self._group = self._task, None, None
+        if task is None or self._stop is None:
+            return
+        self._stop.set()
+        with anyio.CancelScope(shield=True):
+            await task
+
+
+class MemoryBroker:
+    """The `Broker` protocol in process, faithful to RabbitMQ, on a `Clock`.
+
+    Queues survive `close` and a new `connect`, as durable queues survive a client's
+    reconnection. The inspection helpers (`messages`, `is_idle`, `next_expiry`) work
+    whether connected or not, for a testing kit to look at the broker between steps.
+
+    Args:
+        url: ``memory://`` or ``memory://name`` (the name only shows in messages).
+        real_time: let TTLs run out in real time as well as through `Clock.advance`.
+        **options: accepted and ignored (``publish_timeout``, ``connection_name``...), so
+            that an app configured for RabbitMQ runs unchanged on ``memory://``.
+    """
+
+    def __init__(self, url: str = "memory://", *, real_time: bool = False, **options: Any) -> None:
+        if urlsplit(url).scheme != "memory":
+            raise ValueError(f"MemoryBroker needs a memory:// URL, not {url!r}")
+        self.url = url
+        # memory://?clock=real makes TTLs expire in real time, for tests timed like RabbitMQ.
+        real_time = real_time or "clock=real" in urlsplit(url).query.split("&")
+        self.clock = Clock(real_time=real_time)
+        self.clock._bind(self._next_due_ns, self._on_clock_moved)
+        self._connected = False
+        self._host = _TaskHost()
+        self._queues: dict[str, _Queue] = {}
+        # exchange -> routing key -> queue names (an ordered set), for direct exchanges.
+        self._exchanges: dict[str, dict[str, dict[str, None]]] = {}
+        self._consumers: list[_Consumer] = []
+        # (expiry, seq, push, entry) over all queues; entries that left are skipped.
+        self._expiries: list[tuple[int, int, int, _Entry]] = []
+        self._seq = itertools.count()
+        self._pushes = itertools.count()
+        self._tags = itertools.count(1)
+        self._wakeup: anyio.Event | None = None
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Open the connection (idempotent); in real-time mode, start the expiry timer."""
+        if self._connected:
+            return
+        self._connected = True
+        try:
+            await self._host.start()
+        except BaseException:
+            self._connected = False
+            raise
+        if self.clock.real_time:
+            self._host.start_soon(self._expire_in_real_time)
+
+    async def close(self) -> None:
+        """Close every consumer's channel, requeueing what is unacked, and stop the timer.
+
+        As when RabbitMQ loses a channel, unacked messages go back to their place in their
+        queue marked redelivered (and count against a quorum queue's delivery limit).
+        """
+        if not self._connected:
+            return
+        self._connected = False
+        consumers, self._consumers = self._consumers, []
+        # Stop every consumer before requeueing anything, so that nothing requeued is
+        # handed to a consumer about to be closed too.
+        for consumer in consumers:
+            self._detach(consumer)
+        for consumer in consumers:
+            self._return_unacked(consumer)
+        self._fire_due()
+        self._wakeup = None
+        await self._host.stop()
+
+    def _require_connected(self) -> None:
+        if not self._connected:
+            raise BrokerUnavailableError(
+                f"not connected to {self.url}: call `await app.connect()` first"
+            )
+
+    # -- topology ---------------------------------------------------------------------------
+
+    async def declare(self, topology: Topology) -> None:
+        """Declare the direct exchange, the queues in order, and the main queues' bindings.
+
+        Raises:
+            TopologyConflictError: a queue exists with other arguments (RabbitMQ answers
+                PRECONDITION_FAILED and changes nothing).
+            TopologyError: the exchange is the default or an ``amq.`` one, or an argument
+                has a value RabbitMQ refuses.
+        """
+        await checkpoint()
+        self._require_connected()
+        exchange = topology.exchange
+        if exchange == "" or exchange.startswith("amq."):
+            raise TopologyError(
+                f"cannot declare exchange {exchange!r}: the default and amq.* exchanges are "
+                "reserved (RabbitMQ answers ACCESS_REFUSED)"
+            )
+        bindings = self._exchanges.setdefault(exchange, {})
+        for spec in topology.queues:
+            queue = self._declare_queue(spec.name, spec.arguments)
+            for key in spec.routing_keys:
+                bindings.setdefault(key, {})[queue.name] = None
+
+    def _declare_queue(self, name: str, arguments: Mapping[str, Any]) -> _Queue:
+        existing = self._queues.get(name)
+        if existing is not None:
+            detail = _inequivalence(arguments, existing.arguments)
+            if detail:
+                raise TopologyConflictError(name, detail, arguments)
+            return existing
+        _check_arguments(name, arguments)
+        queue = self._queues[name] = _Queue(name, arguments)
+        return queue
+
+    async def delete(self, topology: Topology) -> None:
+        """Delete the queues of `topology`, their messages and bindings (not the exchange).
+
+        Consumers of a deleted queue get no more deliveries, and settling what they hold
+        does nothing, as on RabbitMQ.
+        """
+        await checkpoint()
+        self._require_connected()
+        for spec in reversed(topology.queues):
+            self._delete_queue(spec.name)
+
+    def _delete_queue(self, name: str) -> None:
+        queue = self._queues.pop(name, None)
+        if queue is None:
+            return
+        queue.deleted = True
+        queue.clear()
+        for consumer in list(queue.consumers):
+            self._stop_consumer(consumer)
+        for bindings in self._exchanges.values():
+            for key, names in list(bindings.items()):
+                names.pop(name, None)
+                if not names:
+                    del bindings[key]
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def publish(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+        """Publish one mandatory message; it is confirmed once this returns.
+
+        ``""`` is the default exchange, which routes to the queue named by the routing key.
+
+        Raises:
+            UnroutableError: no queue is bound for the routing key.
+            PublishError: the exchange does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        self._publish_now(exchange, routing_key, message)
+
+    async def publish_many(
+        self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int
+    ) -> list[BaseException | None]:
+        """Publish many messages; `window` only sets how often other tasks get to run.
+
+        Returns:
+            One entry per item, in order: None when confirmed, else the `PublishError`.
+        """
+        window = max(1, window)
+        await checkpoint()
+        self._require_connected()
+        results: list[BaseException | None] = []
+        for index, (routing_key, message) in enumerate(items):
+            if index and index % window == 0:
+                await checkpoint()
+            try:
+                self._publish_now(exchange, routing_key, message)
+            except PublishError as exc:
+                results.append(exc)
+            else:
+                results.append(None)
+        return results
+
+    def _publish_now(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+        self._require_connected()
+        targets = self._route(exchange, routing_key)
+        where = f"exchange {exchange!r} routing key {routing_key!r}"
+        if targets is None:
+            raise PublishError(
+                f"message {message.message_id} to {where} was not confirmed: exchange "
+                f"{exchange!r} does not exist (RabbitMQ closes the channel with NOT_FOUND)"
+            )
+        if not targets:
+            raise UnroutableError(
+                f"message {message.message_id} to {where} was returned: no queue is bound "
+                "for that routing key (declare the topology first)"
+            )
+        # A publish copies the message onto the wire: later changes to the caller's
+        # headers dict must not reach the stored copy.
+        stored = replace(message, headers=dict(message.headers))
+        for queue in targets:
+            self._enqueue(queue, stored, exchange, routing_key)
+        self._fire_due()
+
+    def _route(self, exchange: str, routing_key: str) -> list[_Queue] | None:
+        """Return the queues a message goes to, or None when the exchange does not exist."""
+        if exchange == "":
+            queue = self._queues.get(routing_key)
+            return [] if queue is None else [queue]
+        bindings = self._exchanges.get(exchange)
+        if bindings is None:
+            return None
+        return [self._queues[name] for name in bindings.get(routing_key, ())]
+
+    def _enqueue(
+        self, queue: _Queue, message: OutgoingMessage, exchange: str, routing_key: str
+    ) -> None:
+        expires = None if queue.ttl_ns is None else self.clock.now_ns() + queue.ttl_ns
+        entry = _Entry(
+            message,
+            queue,
+            exchange,
+            routing_key,
+            seq=next(self._seq),
+            priority=queue.priority_of(message),
+            expires_ns=expires,
+        )
+        self._make_ready(entry)
+        self._dispatch(queue)
+
+    def _make_ready(self, entry: _Entry) -> None:
+        """Put an entry in its queue, keeping its original place and expiry time."""
+        if entry.queue.deleted:
+            return
+        entry.queue.push(entry)
+        if entry.expires_ns is None:
+            return
+        earliest = self._next_due_ns()
+        heapq.heappush(self._expiries, (entry.expires_ns, entry.seq, next(self._pushes), entry))
+        if earliest is None or entry.expires_ns < earliest:
+            self._wake()
+
+    # -- consuming --------------------------------------------------------------------------
+
+    async def consume(
+        self, queue: str, prefetch: int, deliveries: MemoryObjectSendStream[Delivery]
+    ) -> _MemorySubscription:
+        """Start consuming `queue`; ready messages are in `deliveries` when this returns.
+
+        A stream with room for `prefetch` items gets each delivery at once; with less room,
+        a task of the broker waits to hand over one delivery at a time, and the consumer
+        gets no other until it is taken. The broker never closes `deliveries`: its owner
+        does, and a consumer whose stream is closed gets nothing more.
+
+        Raises:
+            TopologyError: the queue does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be 0 (no limit) or more, not {prefetch}")
+        target = self._queues.get(queue)
+        if target is None:
+            raise TopologyError(f"cannot consume queue {queue!r}: it does not exist")
+        consumer = _Consumer(f"memory.ctag-{next(self._tags)}", target, prefetch, deliveries)
+        target.consumers.append(consumer)
+        self._consumers.append(consumer)
+        self._dispatch(target)
+        self._fire_due()
+        return _MemorySubscription(self, consumer)
+
+    def _dispatch(self, queue: _Queue) -> None:
+        while queue.ready and (consumer := queue.next_consumer()) is not None:
+            entry = queue.pop()
+            if entry is None:
+                return
+            self._deliver(consumer, entry)
+
+    def _deliver(self, consumer: _Consumer, entry: _Entry) -> None:
+        delivery = _MemoryDelivery(self, consumer, entry, next(self._tags))
+        try:
+            consumer.stream.send_nowait(delivery)
+        except anyio.WouldBlock:
+            consumer.sending = delivery
+            self._host.start_soon(self._send_later, consumer, delivery)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # Nobody reads that stream any more: the message never left the broker.
+            self._stop_consumer(consumer)
+            self._make_ready(entry)
+            return
+        consumer.unacked[delivery.delivery_tag] = delivery
+
+    async def _send_later(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
+        if delivery.outcome is not None:
+            return  # the consumer's channel closed before this task started
+        with anyio.CancelScope() as scope:
+            consumer.sender = scope
+            try:
+                await consumer.stream.send(delivery)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                self._withdraw(consumer, delivery)
+        consumer.sender = None
+        if consumer.sending is delivery:
+            consumer.sending = None
+            self._forget_if_done(consumer)
+        if not scope.cancelled_caught:
+            self._dispatch(consumer.queue)
+            self._fire_due()
+
+    def _withdraw(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
+        """Take back a delivery no reader took: untouched, not redelivered."""
+        if delivery.outcome is not None:
+            return
+        delivery.outcome = "returned"
+        consumer.unacked.pop(delivery.delivery_tag, None)
+        self._stop_consumer(consumer)
+        self._make_ready(delivery.entry)
+
+    def _cancel(self, consumer: _Consumer) -> None:
+        self._stop_consumer(consumer)
+
+    def _close_consumer(self, consumer: _Consumer) -> None:
+        self._detach(consumer)
+        self._return_unacked(consumer)
+        if consumer in self._consumers:
+            self._consumers.remove(consumer)
+        self._dispatch(consumer.queue)
+        self._fire_due()
+
+    def _stop_consumer(self, consumer: _Consumer) -> None:
+        consumer.active = False
+        if consumer in consumer.queue.consumers:
+            consumer.queue.consumers.remove(consumer)
+        self._forget_if_done(consumer)
+
+    def _forget_if_done(self, consumer: _Consumer) -> None:
+        """Drop a stopped consumer once it holds nothing, so that none piles up."""
+        done = not consumer.active and not consumer.unacked and consumer.sending is None
+        if done and consumer in self._consumers:
+            self._consumers.remove(consumer)
+
+    def _detach(self, consumer: _Consumer) -> None:
+        """Stop a consumer and the hand-over it may be waiting on: its channel closes."""
+        self._stop_consumer(consumer)
+        if consumer.sender is not None:
+            consumer.sender.cancel()
+
+    def _return_unacked(self, consumer: _Consumer) -> None:
+        """Requeue what a closed channel held, as RabbitMQ does: redelivered, in place."""
+        deliveries = list(consumer.unacked.values())
+        consumer.unacked.clear()
+        consumer.sending = None
+        for delivery in deliveries:
+            delivery.outcome = "returned"
+            self._return(delivery.entry)
+
+    # -- settling ---------------------------------------------------------------------------
+
+    def _settle(self, delivery: _MemoryDelivery, outcome: Outcome, *, requeue: bool) -> None:
+        if delivery.outcome == "returned":
+            return  # its channel closed, so the message is back in its queue already
+        if delivery.outcome is not None:
+            tag = delivery.delivery_tag
+            raise BrokerError(
+                f"delivery {tag} of message {delivery.message_id} from queue "
+                f"{delivery.queue!r} was already {delivery.outcome}; RabbitMQ would close "
+                f"the channel (PRECONDITION_FAILED - unknown delivery tag {tag})"
+            )
+        delivery.outcome = outcome
+        consumer = delivery.consumer
+        consumer.unacked.pop(delivery.delivery_tag, None)
+        self._forget_if_done(consumer)
+        entry = delivery.entry
+        if outcome == "rejected" and requeue:
+            self._return(entry)
+        elif outcome == "rejected" and not entry.queue.deleted:
+            self._dead_letter(entry, "rejected")
+        self._dispatch(consumer.queue)
+        self._fire_due()
+
+    def _return(self, entry: _Entry) -> None:
+        """Requeue a delivered entry, or dead-letter it past a quorum delivery limit."""
+        if entry.queue.deleted:
+            return  # a deleted queue's messages are gone
+        again = replace(entry, returns=entry.returns + 1, ready=False)
+        limit = entry.queue.delivery_limit
+        if limit is not None and again.returns > limit:
+            self._dead_letter(again, "delivery_limit")
+        else:
+            self._make_ready(again)
+
+    # -- expiry and dead-lettering ----------------------------------------------------------
+
+    def _next_due_ns(self) -> int | None:
+        heap = self._expiries
+        while heap and not heap[0][3].ready:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else None
+
+    def _on_clock_moved(self) -> None:
+        self._fire_due()
+        self._wake()
+
+    def _fire_due(self) -> None:
+        """Expire every ready message whose TTL ran out, earliest first."""
+        now = self.clock.now_ns()
+        heap = self._expiries
+        while heap and heap[0][0] <= now:
+            entry = heapq.heappop(heap)[3]
+            if entry.ready:
+                entry.queue.remove(entry)
+                self._dead_letter(entry, "expired")
+
+    def _dead_letter(self, entry: _Entry, reason: DeathReason) -> None:
+        """Republish to the queue's dead-letter exchange with an ``x-death`` entry, or drop.
+
+        Like RabbitMQ, this is not a mandatory publish: a dead letter nobody is bound for is
+        dropped, and so is one that would go round a cycle of queues without a rejection.
+        """
+        queue = entry.queue
+        exchange = queue.arguments.get("x-dead-letter-exchange")
+        if exchange is None:
+            return
+        routing_key = queue.arguments.get("x-dead-letter-routing-key", entry.routing_key)
+        message = _with_death(entry, reason, self.clock.wall())
+        deaths = message.headers["x-death"]
+        for target in self._route(str(exchange), str(routing_key)) or ():
+            if reason == "rejected" or not _is_cycle(target.name, deaths):
+                self._enqueue(target, message, str(exchange), str(routing_key))
+
+    async def _expire_in_real_time(self) -> None:
+        """Sleep until the next expiry, or until an earlier one is scheduled."""
+        while True:
+            wakeup = self._wakeup = anyio.Event()
+            due = self._next_due_ns()
+            delay = math.inf if due is None else max(0, due - self.clock.now_ns()) / _NS_PER_S
+            with anyio.move_on_after(delay):
+                await wakeup.wait()
+            self._fire_due()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # -- inspection -------------------------------------------------------------------------
+
+    async def queue_length(self, queue: str) -> int:
+        """Return how many messages are ready in `queue` (not counting unacked ones).
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        self._fire_due()
+        return self._queue(queue).ready
+
+    async def peek(self, queue: str, limit: int = 1000) -> list[OutgoingMessage]:
+        """Return up to `limit` ready messages of `queue` in delivery order, leaving them there.
+
+        Unlike a ``basic.get`` followed by a requeue, this marks nothing redelivered.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        return self.messages(queue)[: max(0, limit)]
+
+    async def purge(self, queue: str) -> int:
+        """Drop the ready messages of `queue` (``queue.purge``) and return how many.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        return self._queue(queue).clear()
+
+    def messages(self, queue: str) -> list[OutgoingMessage]:
+        """Return the ready messages of `queue` in delivery order, as stored.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        self._fire_due()
+        return [entry.message for entry in self._queue(queue).snapshot()]
+
+    def is_idle(self) -> bool:
+        """Tell whether nothing happens until time moves or someone publishes.
+
+        True when no delivery is unacked and no consumed queue has ready messages. Messages
+        waiting out a TTL, or sitting in a queue nobody consumes (a dead-letter queue), do
+        not count: see `next_expiry` for the former.
+        """
+        self._fire_due()
+        if any(consumer.unacked for consumer in self._consumers):
+            return False
+        return not any(queue.ready and queue.consumers for queue in self._queues.values())
+
+    def next_expiry(self) -> float | None:
+        """Return the clock time (seconds) of the next TTL expiry, or None."""
+        due = self._next_due_ns()
+        return None if due is None else due / _NS_PER_S
+
+    def _queue(self, name: str) -> _Queue:
+        try:
+            return self._queues[name]
+        except KeyError:
+            raise LookupError(f"queue {name!r} does not exist") from None
+
+
+def _with_death(entry: _Entry, reason: DeathReason, at: datetime) -> OutgoingMessage:
+    """Copy the message with RabbitMQ's ``x-death`` (newest first) and first/last-death headers.
+
+    An existing entry for the same queue and reason has its count raised and moves first.
+    """
+    headers = dict(entry.message.headers)
+    deaths = [dict(d) for d in headers.get("x-death", ()) if isinstance(d, Mapping)]
+    queue = entry.queue.name
+    previous = next(
+        (d for d in deaths if d.get("queue") == queue and d.get("reason") == reason), None
+    )
+    if previous is not None:
+        deaths.remove(previous)
+        previous["count"] = int(previous.get("count", 0)) + 1
+        death = previous
+    else:
+        death = {
+            "count": 1,
+            "reason": reason,
+            "queue": queue,
+            "time": at,
+            "exchange": entry.exchange,
+            "routing-keys": [entry.routing_key],
+        }
+    headers["x-death"] = [death, *deaths]
+    last = {"queue": queue, "reason": reason, "exchange": entry.exchange}
+    for key, value in last.items():
+        headers.setdefault(f"x-first-death-{key}", value)
+        headers[f"x-last-death-{key}"] = value
+    return replace(entry.message, headers=headers)
+
+
+def _is_cycle(target: str, deaths: Sequence[Mapping[str, Any]]) -> bool:
+    """RabbitMQ drops a dead letter that reaches a queue it already died in, unless a
+    consumer rejected it somewhere on the way (newest death first)."""
+    for death in deaths:
+        if death.get("reason") == "rejected":
+            return False
+        if death.get("queue") == target:
+            return True
+    return False
+
+
+def _inequivalence(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> str:
+    """Describe, as `AmqpBroker` does, every checked argument that differs; "" when none does.
+
+    RabbitMQ names only the first; naming all of them saves a round of fixes.
+    """
+    checked = _CHECKED_ARGUMENTS[_effective(current, "x-queue-type")]
+    problems = []
+    for key in sorted(checked & (wanted.keys() | current.keys())):
+        received, have = _effective(wanted, key), _effective(current, key)
+        if not _same(received, have):
+            problems.append(
+                f"argument {key!r}: cuebx wants {_show(received)}, the broker has {_show(have)}"
+            )
+    return "; ".join(problems)
+
+
+def _effective(arguments: Mapping[str, Any], key: str) -> Any:
+    # A queue declared without x-queue-type is a classic queue.
+    if key == "x-queue-type":
+        return arguments.get(key, "classic")
+    return arguments.get(key)
+
+
+def _same(a: Any, b: Any) -> bool:
+    # AMQP tables type their values: true is not 1.
+    return isinstance(a, bool) == isinstance(b, bool) and a == b
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else repr(value)
+
+
+def _is_count(value: Any, *, low: int = 0, high: int | None = None) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    return value >= low and (high is None or value <= high)
+
+
+_VALID: Final[Mapping[str, Callable[[Any], bool]]] = {
+    "x-message-ttl": _is_count,
+    "x-delivery-limit": _is_count,
+    "x-max-priority": lambda v: _is_count(v, high=255),
+    "x-dead-letter-exchange": lambda v: isinstance(v, str),
+    "x-dead-letter-routing-key": lambda v: isinstance(v, str),
+    "x-queue-type": lambda v: v in ("classic", "quorum"),
+}
+
+
+def _check_arguments(queue: str, arguments: Mapping[str, Any]) -> None:
+    """Refuse what RabbitMQ refuses at declaration, before the queue exists."""
+    for key, valid in _VALID.items():
+        if key in arguments and not valid(arguments[key]):
+            raise TopologyError(
+                f"cannot declare queue {queue!r}: invalid arg {key!r}: {arguments[key]!r}"
+            )
+    if arguments.get("x-queue-type") == "quorum" and "x-max-priority" in arguments:
+        raise TopologyError(
+            f"cannot declare queue {queue!r}: quorum queues refuse 'x-max-priority'"
+        )
+    if "x-dead-letter-routing-key" in arguments and "x-dead-letter-exchange" not in arguments:
+        raise TopologyError(
+            f"cannot declare queue {queue!r}: 'x-dead-letter-routing-key' needs "
+            "'x-dead-letter-exchange'"
+        )

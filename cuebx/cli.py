@@ -1,0 +1,169 @@
+"""The ``cuebx`` command line: a thin layer over the Python API (the only click/rich user)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import anyio
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cuebx.app import Cuebx
+from cuebx.brokers.base import mask_url
+from cuebx.durations import to_seconds
+from cuebx.errors import CuebxError
+from cuebx.worker import Worker
+
+__all__ = ["load_app", "main"]
+
+logger = logging.getLogger("cuebx.cli")
+
+
+def load_app(path: str) -> Cuebx:
+    """Import ``module[:attribute]`` and return its `Cuebx` app.
+
+    Without an attribute, the module must hold exactly one `Cuebx` instance.
+
+    Raises:
+        click.ClickException: one line saying what could not be found.
+    """
+    module_name, _, attribute = path.partition(":")
+    if not module_name:
+        raise click.ClickException(f"-A {path!r}: expected module or module:attribute")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise click.ClickException(f"-A {path!r}: no module named {exc.name!r}") from None
+        raise
+    if attribute:
+        app = getattr(module, attribute, None)
+        if app is None:
+            raise click.ClickException(f"-A {path!r}: module {module_name!r} has no {attribute!r}")
+        if not isinstance(app, Cuebx):
+            raise click.ClickException(
+                f"-A {path!r}: {attribute!r} is a {type(app).__name__}, not a Cuebx app"
+            )
+        return app
+    apps = {n: v for n, v in vars(module).items() if isinstance(v, Cuebx)}
+    if len(apps) != 1:
+        found = ", ".join(sorted(apps)) or "none"
+        raise click.ClickException(
+            f"-A {path!r}: expected exactly one Cuebx app in {module_name!r}, found {found}; "
+            "name it as module:attribute"
+        )
+    return next(iter(apps.values()))
+
+
+@click.group()
+@click.version_option(package_name="cuebx")
+def main() -> None:
+    """cuebx: background tasks native to RabbitMQ."""
+
+
+@main.command()
+@click.option("-A", "--app", "app_path", required=True, help="module[:attribute] of the app.")
+@click.option("-Q", "--queues", help="Comma-separated queues to consume (default: all).")
+@click.option("--prefetch", type=click.IntRange(min=1), help="Prefetch for every queue.")
+@click.option("--shutdown-timeout", help="How long running handlers may finish on stop: 30s.")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+)
+def worker(
+    app_path: str,
+    queues: str | None,
+    prefetch: int | None,
+    shutdown_timeout: str | None,
+    log_level: str,
+) -> None:
+    """Declare the topology and run tasks until SIGINT or SIGTERM."""
+    logging.basicConfig(
+        level=log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # aiormq logs every refused connection itself; cuebx reports it once, with the URL.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    app = load_app(app_path)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    try:
+        seconds = None if shutdown_timeout is None else to_seconds(shutdown_timeout)
+        built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
+    except (LookupError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
+    logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
+    for queue in built.queues:
+        logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
+    try:
+        anyio.run(_run_worker, app, built, backend_options=_backend_options())
+    except CuebxError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _run_worker(app: Cuebx, worker: Worker) -> None:
+    await app.connect()
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(_handle_signals, worker)
+            await worker.run()
+            group.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await app.close()
+
+
+async def _handle_signals(worker: Worker) -> None:
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if worker.stopping:
+                logger.warning("%s again: stopping now, requeueing running tasks", name)
+                worker.request_stop(immediate=True)
+            else:
+                logger.info("%s: finishing running tasks (send it again to stop now)", name)
+                worker.request_stop()
+
+
+def _backend_options() -> dict[str, Any]:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return {}
+    return {"use_uvloop": True}
+
+
+@main.command()
+@click.option("-A", "--app", "app_path", required=True, help="module[:attribute] of the app.")
+def topology(app_path: str) -> None:
+    """Print the exchange, queues and arguments the app declares (no broker needed)."""
+    app = load_app(app_path)
+    plan = app.topology()
+    table = Table(title=f"exchange {plan.exchange!r} (direct, durable)")
+    longest = max((len(q.name) for q in plan.queues), default=5)
+    table.add_column("queue", no_wrap=True, min_width=longest)
+    for column in ("role", "arguments", "routing keys", "tasks"):
+        table.add_column(column, overflow="fold")
+    for queue in plan.queues:
+        arguments = "\n".join(f"{k}: {v!r}" for k, v in queue.arguments.items())
+        table.add_row(
+            queue.name,
+            queue.role,
+            arguments or "-",
+            ", ".join(queue.routing_keys) or "-",
+            ", ".join(queue.tasks) or "-",
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)
+    console.print(table)

@@ -1,0 +1,52 @@
+"""`TaskContext`: what a running handler can know about the message it handles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["TaskContext", "current_context"]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """The message a handler is running for.
+
+    Declare a first parameter annotated ``TaskContext`` to receive it; cuebx injects it and
+    leaves it out of the arguments ``.delay()`` takes and encodes.
+
+    Attributes:
+        message_id: the task id, the same on every attempt: the key for idempotency.
+        correlation_id: the message id unless the publisher gave another.
+        attempt: 0 on the first delivery, +1 per retry (the ``x-retry-attempt`` header).
+        headers: the message headers as received.
+        task_name: the registered task name.
+        queue: the queue the message was consumed from.
+        redelivered: RabbitMQ's flag: an earlier delivery of this copy was not acked
+            (a worker died or shut down mid-task), so the handler may have run before.
+    """
+
+    message_id: str
+    correlation_id: str
+    attempt: int
+    headers: Mapping[str, Any]
+    task_name: str
+    queue: str
+    redelivered: bool = False
+
+
+_current: ContextVar[TaskContext] = ContextVar("cuebx_task_context")
+
+
+def current_context() -> TaskContext:
+    """Return the `TaskContext` of the handler running in this task or thread.
+
+    Raises:
+        LookupError: called outside a running handler.
+    """
+    try:
+        return _current.get()
+    except LookupError:
+        raise LookupError("cuebx.current_context() called outside a running task handler") from None

@@ -1,0 +1,137 @@
+"""Every exception cuebx raises, and the signals a handler raises to steer its message.
+
+The tree::
+
+    CuebxError
+    ├── ConfigurationError          a task or app option is wrong (also a ValueError)
+    │   └── DuplicateTaskError      two tasks registered under one name
+    ├── ArgumentsError              .delay() arguments that do not fit the task's signature
+    ├── TopologyError               the broker refused a declaration
+    │   └── TopologyConflictError   a queue exists with other arguments
+    └── BrokerError                 talking to the broker failed
+        ├── BrokerUnavailableError  cannot connect, or the connection is gone too long
+        └── PublishError            a publish was not confirmed
+            ├── UnroutableError     returned by the broker (mandatory flag): no queue bound
+            └── PublishTimeoutError no confirm within the publish timeout
+
+    TaskSignal                      raised by a handler, never by cuebx itself
+    ├── Retry                       retry this message through the next retry tier
+    └── Reject                      dead-letter this message now, without retries
+
+`TaskSignal` does not derive from `CuebxError`, so a handler that catches `CuebxError`
+around its own calls to cuebx cannot swallow a `Retry` or `Reject` by mistake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+__all__ = [
+    "ArgumentsError",
+    "BrokerError",
+    "BrokerUnavailableError",
+    "ConfigurationError",
+    "CuebxError",
+    "DuplicateTaskError",
+    "PublishError",
+    "PublishTimeoutError",
+    "Reject",
+    "Retry",
+    "TaskSignal",
+    "TopologyConflictError",
+    "TopologyError",
+    "UnroutableError",
+]
+
+
+class CuebxError(Exception):
+    """Base of every error cuebx raises."""
+
+
+class ConfigurationError(CuebxError, ValueError):
+    """An option given to `Cuebx` or `@app.task` is invalid."""
+
+
+class DuplicateTaskError(ConfigurationError):
+    """Two tasks were registered under the same name."""
+
+
+class ArgumentsError(CuebxError, TypeError):
+    """Arguments given to `.delay()` / `.apply_async()` do not fit the task's signature."""
+
+
+class TopologyError(CuebxError):
+    """The broker refused to declare part of the topology."""
+
+
+class TopologyConflictError(TopologyError):
+    """A queue already exists on the broker with arguments other than the ones cuebx wants.
+
+    RabbitMQ never changes the arguments of an existing queue: it closes the channel with
+    PRECONDITION_FAILED. Delete the queue (losing its messages) or align the task options.
+    """
+
+    def __init__(self, queue: str, detail: str, wanted: Mapping[str, Any]) -> None:
+        self.queue = queue
+        self.detail = detail
+        self.wanted = dict(wanted)
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(self.wanted.items())) or "none"
+        super().__init__(
+            f"queue {queue!r} already exists with other arguments: {detail}; "
+            f"cuebx wants arguments: {shown}"
+        )
+
+
+class BrokerError(CuebxError):
+    """Talking to the broker failed."""
+
+
+class BrokerUnavailableError(BrokerError, ConnectionError):
+    """The broker cannot be reached (the URL in the message has its password masked)."""
+
+
+class PublishError(BrokerError):
+    """A message was not confirmed by the broker, so it may not have been stored."""
+
+
+class UnroutableError(PublishError):
+    """The broker returned a mandatory message: no queue is bound for its routing key."""
+
+
+class PublishTimeoutError(PublishError, TimeoutError):
+    """No publisher confirm arrived within the publish timeout."""
+
+
+class TaskSignal(Exception):
+    """Base of the exceptions a handler raises on purpose to steer its message."""
+
+
+class Retry(TaskSignal):
+    """Retry: raise it in a handler to retry now, or pass it as `retries=` for one tier.
+
+    As a retries spec, `Retry(every="1m", times=3)` means three retries through one
+    `Q.retry.1m` tier. Raised from a handler, `raise Retry("rate limited")` retries the
+    message through the next tier even when `retry_on=` would not match the cause.
+    """
+
+    def __init__(
+        self,
+        reason: str = "",
+        *,
+        every: str | float | timedelta | None = None,
+        times: int | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.every = every
+        self.times = times
+
+
+class Reject(TaskSignal):
+    """Dead-letter the message at once with reason `rejected`, skipping any retries."""
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason

@@ -1,0 +1,174 @@
+"""The message cuebx puts on the wire: body, properties, headers, and dead-letter stamps.
+
+A message's body is the task's arguments bound by parameter name, encoded by msgspec as a
+JSON or MessagePack object. Properties carry the task id (``message_id``), stable across
+retries. Headers carry the task name and the attempt number; a dead-lettered copy adds
+why it was dead-lettered, keeping the original body, properties and headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import msgspec
+
+__all__ = [
+    "BROKER_HEADERS",
+    "CONTENT_TYPES",
+    "ERROR_LIMIT",
+    "HEADER_ATTEMPT",
+    "HEADER_ERROR",
+    "HEADER_ERROR_TYPE",
+    "HEADER_FAILED_AT",
+    "HEADER_ORIGIN_QUEUE",
+    "HEADER_REDELIVERIES",
+    "HEADER_REASON",
+    "HEADER_TASK",
+    "Codec",
+    "DeadLetterReason",
+    "OutgoingMessage",
+    "SERIALIZERS",
+    "Serializer",
+    "codec_for",
+    "dead_letter_copy",
+    "retry_copy",
+]
+
+HEADER_TASK = "x-cuebx-task"
+HEADER_ATTEMPT = "x-retry-attempt"
+HEADER_REASON = "x-cuebx-reason"
+HEADER_ERROR_TYPE = "x-cuebx-error-type"
+HEADER_ERROR = "x-cuebx-error"
+HEADER_FAILED_AT = "x-cuebx-failed-at"
+HEADER_ORIGIN_QUEUE = "x-cuebx-origin-queue"
+#: Deliveries of this message on a classic queue that ended without an ack or reject.
+HEADER_REDELIVERIES = "x-cuebx-redeliveries"
+
+#: Headers RabbitMQ sets when it dead-letters or redelivers a message. A copy cuebx
+#: publishes is a new message: carrying them over would let RabbitMQ's dead-letter cycle
+#: detection drop a retried message that once died in the same queue.
+BROKER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+        "x-delivery-count",
+    }
+)
+
+#: Longest ``x-cuebx-error`` text; the full traceback goes to the log, not the header.
+ERROR_LIMIT = 1024
+
+Serializer = Literal["json", "msgpack"]
+DeadLetterReason = Literal[
+    "exhausted",
+    "rejected",
+    "invalid-arguments",
+    "undecodable",
+    "unknown-task",
+    "too-large",
+    "failed",
+    "delivery-limit",
+]
+
+SERIALIZERS: tuple[Serializer, ...] = ("json", "msgpack")
+
+CONTENT_TYPES: Mapping[Serializer, str] = {
+    "json": "application/json",
+    "msgpack": "application/msgpack",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingMessage:
+    """A message ready to publish: bytes and AMQP properties, nothing task-specific."""
+
+    body: bytes
+    message_id: str
+    correlation_id: str
+    content_type: str | None
+    headers: Mapping[str, Any]
+    timestamp: datetime
+    priority: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Codec:
+    """One serializer: its content type and a way to build typed decoders."""
+
+    name: Serializer
+    content_type: str
+    encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder
+
+    def decoder(self, type_: type[Any]) -> msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]:
+        """Build a decoder that validates into `type_` (built once per task, then reused)."""
+        if self.name == "json":
+            return msgspec.json.Decoder(type_)
+        return msgspec.msgpack.Decoder(type_)
+
+
+_CODECS: dict[str, Codec] = {
+    "json": Codec("json", CONTENT_TYPES["json"], msgspec.json.Encoder()),
+    "msgpack": Codec("msgpack", CONTENT_TYPES["msgpack"], msgspec.msgpack.Encoder()),
+}
+_BY_CONTENT_TYPE = {c.content_type: c for c in _CODECS.values()}
+# Spellings other publishers use for MessagePack.
+_BY_CONTENT_TYPE["application/x-msgpack"] = _CODECS["msgpack"]
+_BY_CONTENT_TYPE["application/vnd.msgpack"] = _CODECS["msgpack"]
+
+
+def codec_for(serializer: str) -> Codec:
+    """Return the codec for a serializer name (``json`` or ``msgpack``)."""
+    try:
+        return _CODECS[serializer]
+    except KeyError:
+        raise ValueError(
+            f"serializer {serializer!r} is not supported; use 'json' or 'msgpack'"
+        ) from None
+
+
+def codec_for_content_type(content_type: str | None) -> Codec | None:
+    """Return the codec for a received content type; JSON when the publisher gave none."""
+    if not content_type:
+        return _CODECS["json"]
+    return _BY_CONTENT_TYPE.get(content_type.split(";", 1)[0].strip().lower())
+
+
+def retry_copy(message: OutgoingMessage, attempt: int) -> OutgoingMessage:
+    """Copy a message for its next attempt: same body, ids and properties, attempt set."""
+    return replace(message, headers={**message.headers, HEADER_ATTEMPT: attempt})
+
+
+def dead_letter_copy(
+    message: OutgoingMessage,
+    *,
+    reason: DeadLetterReason,
+    queue: str,
+    error: BaseException | str | None = None,
+    now: datetime | None = None,
+) -> OutgoingMessage:
+    """Copy a message for a dead-letter queue, stamped with why and where it failed."""
+    if isinstance(error, BaseException):
+        error_type = f"{type(error).__module__}.{type(error).__qualname__}"
+        text = str(error) or error_type
+    else:
+        error_type = ""
+        text = error or reason
+    if len(text) > ERROR_LIMIT:
+        text = text[: ERROR_LIMIT - 1] + "…"
+    stamped = {
+        **message.headers,
+        HEADER_REASON: reason,
+        HEADER_ERROR_TYPE: error_type,
+        HEADER_ERROR: text,
+        HEADER_FAILED_AT: (now or datetime.now(UTC)).isoformat(timespec="milliseconds"),
+        HEADER_ORIGIN_QUEUE: queue,
+    }
+    return replace(message, headers=stamped)

@@ -1,0 +1,397 @@
+"""`Task[P, R]`: a registered handler, its options, and its typed `.delay()`.
+
+Everything derived from the handler's signature (the msgspec argument Struct, its encoders
+and decoders, how to call the handler back) is built once, at decoration, so neither
+publishing nor handling a message inspects a signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+
+import msgspec
+
+from cuebx.context import TaskContext
+from cuebx.durations import Duration, to_seconds
+from cuebx.errors import ArgumentsError, ConfigurationError
+from cuebx.message import SERIALIZERS, Codec, codec_for
+from cuebx.policy import RetryPolicy, RetrySpec, retry_delays
+from cuebx.topology import QueueRoute, QueueType, retry_queue_name
+
+if TYPE_CHECKING:
+    from cuebx.app import Cuebx
+
+__all__ = ["TASK_OPTIONS", "Task", "TaskHandle", "TaskOptions"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_QUEUE_TYPES = ("classic", "quorum")
+
+#: The keyword options of ``@app.task`` besides ``name``.
+TASK_OPTIONS = frozenset(
+    {
+        "queue",
+        "retries",
+        "dead_letter",
+        "prefetch",
+        "timeout",
+        "priority",
+        "queue_type",
+        "routing_keys",
+        "retry_on",
+        "dont_retry_on",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskHandle:
+    """What `.delay()` returns: the id of the published message (the task id)."""
+
+    id: str
+    task_name: str
+    queue: str
+    correlation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class TaskOptions:
+    """The options of one task, checked and normalised at registration."""
+
+    name: str
+    queue: str
+    retry_delays_ms: tuple[int, ...]
+    dead_letter: bool | str
+    prefetch: int | None
+    timeout: float | None
+    priority: int | None
+    queue_type: QueueType | None
+    routing_keys: tuple[str, ...]
+    retry_on: tuple[type[BaseException], ...]
+    dont_retry_on: tuple[type[BaseException], ...]
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        queue: str = "default",
+        retries: RetrySpec = None,
+        dead_letter: bool | str = True,
+        prefetch: int | None = None,
+        timeout: Duration | None = None,
+        priority: int | None = None,
+        queue_type: str | None = None,
+        routing_keys: Iterable[str] = (),
+        retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+    ) -> TaskOptions:
+        """Check every option, naming the task and the option in any error."""
+        where = f"task {name!r}"
+        if not isinstance(queue, str) or not queue:
+            raise ConfigurationError(f"{where}: queue must be a non-empty string, got {queue!r}")
+        if not isinstance(dead_letter, bool) and not (isinstance(dead_letter, str) and dead_letter):
+            raise ConfigurationError(
+                f"{where}: dead_letter must be True, False or a queue name, got {dead_letter!r}"
+            )
+        if prefetch is not None and (
+            isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1
+        ):
+            raise ConfigurationError(f"{where}: prefetch must be an integer >= 1, got {prefetch!r}")
+        if priority is not None and (
+            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255
+        ):
+            raise ConfigurationError(f"{where}: priority must be 0..255, got {priority!r}")
+        if queue_type is not None and queue_type not in _QUEUE_TYPES:
+            raise ConfigurationError(
+                f"{where}: queue_type must be 'classic' or 'quorum', got {queue_type!r}"
+            )
+        seconds = None
+        if timeout is not None:
+            try:
+                seconds = to_seconds(timeout, what=f"{where}: timeout")
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from None
+            if seconds <= 0:
+                raise ConfigurationError(f"{where}: timeout must be above zero, got {timeout!r}")
+        keys = (routing_keys,) if isinstance(routing_keys, str) else tuple(routing_keys)
+        return cls(
+            name=name,
+            queue=queue,
+            retry_delays_ms=retry_delays(retries, task=name),
+            dead_letter=dead_letter,
+            prefetch=prefetch,
+            timeout=seconds,
+            priority=priority,
+            queue_type=typing.cast(QueueType | None, queue_type),
+            routing_keys=keys,
+            retry_on=_exception_types(retry_on, where, "retry_on", default=(Exception,)),
+            dont_retry_on=_exception_types(dont_retry_on, where, "dont_retry_on", default=()),
+        )
+
+    def route(self) -> QueueRoute:
+        """What this task asks of its queue, for `cuebx.topology.plan`."""
+        return QueueRoute(
+            task=self.name,
+            queue=self.queue,
+            retry_delays_ms=self.retry_delays_ms,
+            dead_letter=self.dead_letter,
+            queue_type=self.queue_type,
+            routing_keys=self.routing_keys,
+            prefetch=self.prefetch,
+        )
+
+    def policy(self) -> RetryPolicy:
+        """The retry ladder as tier queue names, one per retry."""
+        return RetryPolicy(
+            tiers=tuple(retry_queue_name(self.queue, ms) for ms in self.retry_delays_ms),
+            retry_on=self.retry_on,
+            dont_retry_on=self.dont_retry_on,
+        )
+
+
+def _exception_types(
+    value: type[BaseException] | Sequence[type[BaseException]] | None,
+    where: str,
+    option: str,
+    *,
+    default: tuple[type[BaseException], ...],
+) -> tuple[type[BaseException], ...]:
+    if value is None:
+        return default
+    types = (value,) if isinstance(value, type) else tuple(value)
+    for t in types:
+        if not (isinstance(t, type) and issubclass(t, BaseException)):
+            raise ConfigurationError(f"{where}: {option} must list exception types, got {t!r}")
+    return types
+
+
+class _Signature:
+    """The handler's parameters as a msgspec Struct, and how to call the handler from one."""
+
+    __slots__ = ("args_type", "context", "keyword_names", "kw_only", "n_positional", "names")
+
+    def __init__(self, fn: Callable[..., Any], task: str) -> None:
+        params = list(inspect.signature(fn).parameters.values())
+        try:
+            hints = typing.get_type_hints(fn, include_extras=True)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"task {task!r}: cannot resolve the annotations of {fn.__qualname__}: {exc}"
+            ) from exc
+        self.context = bool(params) and hints.get(params[0].name) is TaskContext
+        if self.context and params[0].kind == params[0].KEYWORD_ONLY:
+            raise ConfigurationError(
+                f"task {task!r}: the TaskContext parameter {params[0].name!r} must be "
+                "positional (it is passed first)"
+            )
+        if self.context:
+            params = params[1:]
+        fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+        for p in params:
+            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                raise ConfigurationError(
+                    f"task {task!r}: parameter {p.name!r} is *args/**kwargs; a task's "
+                    "arguments must be named so they can be encoded as an object"
+                )
+            if hints.get(p.name) is TaskContext:
+                raise ConfigurationError(
+                    f"task {task!r}: a TaskContext parameter must be the first parameter"
+                )
+            annotation = hints.get(p.name, Any)
+            if p.default is p.empty:
+                fields.append((p.name, annotation))
+            else:
+                fields.append((p.name, annotation, p.default))
+        self.names = tuple(p.name for p in params)
+        self.n_positional = sum(p.kind != p.KEYWORD_ONLY for p in params)
+        self.keyword_names = self.names[self.n_positional :]
+        # Keyword-only fields let a required parameter follow a defaulted one.
+        required_after_default = any(
+            len(f) == 2 and any(len(g) == 3 for g in fields[:i]) for i, f in enumerate(fields)
+        )
+        self.kw_only = required_after_default
+        try:
+            self.args_type: type[msgspec.Struct] = msgspec.defstruct(
+                f"{task}_arguments",
+                fields,
+                kw_only=required_after_default,
+                module=getattr(fn, "__module__", None),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"task {task!r}: unsupported signature: {exc}") from exc
+
+
+class Task(Generic[P, R]):
+    """A registered task: call it directly as the plain function, or `.delay()` it.
+
+    Created by `Cuebx.task`; not instantiated by users.
+    """
+
+    def __init__(
+        self,
+        app: Cuebx,
+        fn: Callable[..., Any],
+        options: TaskOptions,
+    ) -> None:
+        self.app = app
+        self.fn = fn
+        self.options = options
+        self.name = options.name
+        self.queue = options.queue
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self._signature = _Signature(fn, options.name)
+        self.takes_context = self._signature.context
+        self.args_type = self._signature.args_type
+        self.retry_policy = options.policy()
+        # Decoders for every serializer, built now: a type msgspec cannot decode is an
+        # error at registration, not on every message.
+        try:
+            self._decoders = {c: codec_for(c).decoder(self.args_type) for c in SERIALIZERS}
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"task {options.name!r}: unsupported parameter type: {exc}"
+            ) from None
+        self.__doc__ = fn.__doc__
+        self.__wrapped__ = fn
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name!r} queue={self.queue!r}>"
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the handler in place, as the plain function (no broker involved)."""
+        result: R = self.fn(*args, **kwargs)
+        return result
+
+    # -- publishing -------------------------------------------------------------------------
+
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+        """Publish one message for this task and wait for the broker's confirm.
+
+        Raises:
+            ArgumentsError: the arguments do not fit the task's signature.
+            PublishError: the broker did not confirm the message.
+        """
+        return await self.app.publish(self, args, kwargs)
+
+    async def apply_async(
+        self,
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        countdown: Duration | None = None,
+        eta: datetime | None = None,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> TaskHandle:
+        """Publish with message options: priority, extra headers, ids.
+
+        Arguments are checked at run time (``apply_async`` cannot be typed like ``delay``).
+        """
+        if countdown is not None or eta is not None:
+            raise NotImplementedError(
+                f"task {self.name!r}: countdown= and eta= are not supported yet; cuebx will hold "
+                "delays on the broker (a TTL ladder), never in a sleeping publisher or worker"
+            )
+        return await self.app.publish(
+            self,
+            tuple(args),
+            dict(kwargs or {}),
+            priority=priority,
+            headers=headers,
+            correlation_id=correlation_id,
+            message_id=message_id,
+        )
+
+    async def map(
+        self, arguments: Iterable[Sequence[Any] | Mapping[str, Any]], *, window: int = 256
+    ) -> list[TaskHandle]:
+        """Publish one message per item with pipelined confirms.
+
+        Each item is a tuple of positional arguments or a dict of keyword arguments.
+
+        Raises:
+            BatchPublishError: some messages were not confirmed; it lists which.
+        """
+        return await self.app.publish_many(self, arguments, window=window)
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode(self, codec: Codec, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> bytes:
+        """Bind arguments by name, validate them, and encode the body.
+
+        Raises:
+            ArgumentsError: missing, extra or mistyped arguments, naming the task.
+        """
+        sig = self._signature
+        try:
+            if len(args) > sig.n_positional:
+                raise TypeError(
+                    f"takes {sig.n_positional} positional arguments but {len(args)} were given"
+                )
+            if sig.kw_only and args:
+                args, kwargs = (), _merge_positional(sig.names, args, kwargs)
+            value = self.args_type(*args, **kwargs)
+            body = codec.encoder.encode(value)
+            self.decode(codec, body)
+        except (TypeError, msgspec.ValidationError, msgspec.EncodeError) as exc:
+            raise ArgumentsError(f"task {self.name!r}: invalid arguments: {exc}") from None
+        return body
+
+    def decode(self, codec: Codec, body: bytes) -> msgspec.Struct:
+        """Decode and validate a body into the argument Struct.
+
+        Raises:
+            msgspec.ValidationError: it decodes but does not hold valid arguments.
+            msgspec.DecodeError: it does not decode at all.
+        """
+        value: msgspec.Struct = self._decoders[codec.name].decode(body)
+        return value
+
+    # -- running ----------------------------------------------------------------------------
+
+    def call_args(
+        self, context: TaskContext, value: msgspec.Struct
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """Turn a decoded argument Struct back into the handler's call arguments."""
+        values = msgspec.structs.astuple(value)
+        sig = self._signature
+        if sig.keyword_names:
+            kwargs = dict(zip(sig.keyword_names, values[sig.n_positional :], strict=True))
+            values = values[: sig.n_positional]
+        else:
+            kwargs = {}
+        if self.takes_context:
+            values = (context, *values)
+        return values, kwargs
+
+    def invoke(self, context: TaskContext, value: msgspec.Struct) -> Awaitable[Any]:
+        """Start an async handler (sync handlers are run by the worker in a thread)."""
+        args, kwargs = self.call_args(context, value)
+        result: Awaitable[Any] = self.fn(*args, **kwargs)
+        return result
+
+
+def _merge_positional(
+    names: tuple[str, ...], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
+    merged = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key in merged:
+            raise TypeError(f"got multiple values for argument {key!r}")
+        merged[key] = value
+    return merged
+
+
+def new_message_id() -> str:
+    """Make a task id: a random UUID4 as 32 hex digits."""
+    return uuid.uuid4().hex

@@ -1,0 +1,227 @@
+"""The broker topology as a value: which exchange and queues exist, with which arguments.
+
+Every naming rule and every ``x-`` argument cuebx uses lives here, as pure functions, so the
+topology can be printed, diffed and tested without a broker. For a queue ``Q`` with retries
+``[30s, 5m]``::
+
+    publisher ──▶ exchange "cuebx" (direct) ──key Q──▶ Q ──▶ worker
+                                                       │ handler fails
+                        ┌──────────────────────────────┘ (worker publishes a copy)
+                        ▼
+           Q.retry.30s / Q.retry.5m   (x-message-ttl; when it expires RabbitMQ
+                        │              dead-letters the message back to Q)
+                        └──────────────▶ Q
+           Q.dlq   ◀── last attempt failed, Reject, invalid input (worker publishes a copy)
+                   ◀── rejected / delivery limit reached (RabbitMQ dead-letters from Q)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cuebx.durations import label
+from cuebx.errors import ConfigurationError
+
+__all__ = [
+    "QueueRoute",
+    "QueueSpec",
+    "QueueType",
+    "Topology",
+    "dead_letter_queue_name",
+    "plan",
+    "retry_queue_name",
+]
+
+QueueType = Literal["classic", "quorum"]
+QueueRole = Literal["main", "retry", "dead-letter"]
+
+
+def retry_queue_name(queue: str, delay_ms: int) -> str:
+    """Name the retry tier of `queue` for a delay: ``emails.retry.30s``."""
+    return f"{queue}.retry.{label(delay_ms)}"
+
+
+def dead_letter_queue_name(queue: str, dead_letter: bool | str) -> str | None:
+    """Name the dead-letter queue of `queue`: ``emails.dlq``, a shared name, or None."""
+    if dead_letter is True:
+        return f"{queue}.dlq"
+    if dead_letter is False:
+        return None
+    return dead_letter
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRoute:
+    """What one task asks of its queue; several tasks on one queue are merged by `plan`."""
+
+    task: str
+    queue: str
+    retry_delays_ms: tuple[int, ...] = ()
+    dead_letter: bool | str = True
+    queue_type: QueueType | None = None
+    routing_keys: tuple[str, ...] = ()
+    prefetch: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSpec:
+    """One queue to declare: durable, with its arguments and its bindings on the exchange."""
+
+    name: str
+    role: QueueRole
+    arguments: Mapping[str, Any]
+    routing_keys: tuple[str, ...] = ()
+    prefetch: int | None = None
+    tasks: tuple[str, ...] = ()
+    retry_tiers: tuple[str, ...] = ()
+    dead_letter_queue: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Everything cuebx declares: one direct exchange and the queues, in declaration order.
+
+    Dead-letter queues come first and main queues last, so that every queue a ``x-dead-
+    letter-routing-key`` names exists before a message could be dead-lettered to it.
+    """
+
+    exchange: str
+    queues: tuple[QueueSpec, ...]
+    _by_name: Mapping[str, QueueSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {q.name: q for q in self.queues})
+
+    def queue(self, name: str) -> QueueSpec:
+        """Return the spec of one queue by name."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"queue {name!r} is not part of the topology") from None
+
+    @property
+    def main_queues(self) -> tuple[QueueSpec, ...]:
+        """The queues tasks are consumed from."""
+        return tuple(q for q in self.queues if q.role == "main")
+
+
+def plan(
+    routes: Iterable[QueueRoute],
+    *,
+    exchange: str = "cuebx",
+    queue_type: QueueType = "classic",
+    delivery_limit: int | None = 10,
+    max_priority: int | None = None,
+) -> Topology:
+    """Compute the topology for a set of task routes.
+
+    Raises:
+        ConfigurationError: two tasks on one queue disagree on its queue type, dead-letter
+            queue or prefetch, or a queue name collides with a tier or dead-letter name.
+    """
+    merged: dict[str, list[QueueRoute]] = {}
+    for route in routes:
+        merged.setdefault(route.queue, []).append(route)
+
+    mains: list[QueueSpec] = []
+    tiers: list[QueueSpec] = []
+    dead_letters: dict[str, QueueSpec] = {}
+    for name, group in merged.items():
+        qtype = _agree(name, group, "queue_type", default=queue_type)
+        dead_letter = _agree(name, group, "dead_letter", default=True)
+        prefetch = _agree(name, group, "prefetch", default=None)
+        delays = sorted({ms for r in group for ms in r.retry_delays_ms})
+        dlq = dead_letter_queue_name(name, dead_letter)
+        quorum = qtype == "quorum"
+        tier_names = tuple(retry_queue_name(name, ms) for ms in delays)
+        for ms, tier in zip(delays, tier_names, strict=True):
+            tiers.append(QueueSpec(tier, "retry", _tier_arguments(name, ms, quorum=quorum)))
+        if dlq is not None:
+            spec = QueueSpec(dlq, "dead-letter", _type_arguments(quorum))
+            if dead_letters.setdefault(dlq, spec) != spec:
+                raise ConfigurationError(
+                    f"dead-letter queue {dlq!r} is shared by classic and quorum queues; "
+                    f"queue {name!r} is {qtype}: give them one queue_type or separate "
+                    "dead-letter queues"
+                )
+        keys = tuple(dict.fromkeys((name, *(k for r in group for k in r.routing_keys))))
+        mains.append(
+            QueueSpec(
+                name,
+                "main",
+                _main_arguments(
+                    dlq,
+                    quorum=quorum,
+                    delivery_limit=delivery_limit,
+                    max_priority=max_priority,
+                ),
+                routing_keys=keys,
+                prefetch=prefetch,
+                tasks=tuple(r.task for r in group),
+                retry_tiers=tier_names,
+                dead_letter_queue=dlq,
+            )
+        )
+    queues = (*dead_letters.values(), *tiers, *mains)
+    _check_unique(queues)
+    return Topology(exchange, queues)
+
+
+def _agree(queue: str, group: list[QueueRoute], option: str, *, default: Any) -> Any:
+    """Return the one value the tasks of a queue set for `option`, or the default."""
+    chosen = {(r.task, getattr(r, option)) for r in group if getattr(r, option) is not None}
+    values = {value for _, value in chosen}
+    if len(values) > 1:
+        detail = ", ".join(f"task {t!r} has {option}={v!r}" for t, v in sorted(chosen, key=str))
+        raise ConfigurationError(f"tasks on queue {queue!r} disagree: {detail}")
+    return values.pop() if values else default
+
+
+def _check_unique(queues: Iterable[QueueSpec]) -> None:
+    seen: dict[str, QueueSpec] = {}
+    for spec in queues:
+        other = seen.get(spec.name)
+        if other is not None and other != spec:
+            raise ConfigurationError(
+                f"queue name {spec.name!r} is used both as a {other.role} queue and as a "
+                f"{spec.role} queue; rename the task queue or the dead-letter queue"
+            )
+        seen[spec.name] = spec
+
+
+def _type_arguments(quorum: bool) -> dict[str, Any]:
+    return {"x-queue-type": "quorum"} if quorum else {}
+
+
+def _main_arguments(
+    dlq: str | None, *, quorum: bool, delivery_limit: int | None, max_priority: int | None
+) -> dict[str, Any]:
+    args = _type_arguments(quorum)
+    if dlq is not None:
+        args["x-dead-letter-exchange"] = ""
+        args["x-dead-letter-routing-key"] = dlq
+    if quorum:
+        # A classic queue's dead-letter hop is not confirmed; the quorum one is, but only
+        # with reject-publish overflow. The delivery limit stops a message that crashes
+        # every worker from cycling: RabbitMQ dead-letters it to the DLQ instead.
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+        if delivery_limit is not None:
+            args["x-delivery-limit"] = delivery_limit
+    elif max_priority is not None:
+        # Quorum queues of RabbitMQ 3.10-3.12 refuse x-max-priority, so it is classic only.
+        args["x-max-priority"] = max_priority
+    return args
+
+
+def _tier_arguments(queue: str, ms: int, *, quorum: bool) -> dict[str, Any]:
+    args = _type_arguments(quorum)
+    args["x-message-ttl"] = ms
+    args["x-dead-letter-exchange"] = ""
+    args["x-dead-letter-routing-key"] = queue
+    if quorum:
+        args["x-dead-letter-strategy"] = "at-least-once"
+        args["x-overflow"] = "reject-publish"
+    return args

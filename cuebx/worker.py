@@ -1,0 +1,485 @@
+"""The worker: consume queues, run handlers, carry out what `cuebx.policy` decides.
+
+Per queue, a channel with ``basic.qos(prefetch)`` feeds a memory stream read by exactly
+`prefetch` handler loops, so at most `prefetch` handlers of one queue run at once, and
+nothing is buffered beyond what RabbitMQ already delivered. A message is acked only after
+its handler returned, or after its retry or dead-letter copy was confirmed; whatever is
+not acked when the worker stops or dies goes back to its queue.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from cuebx.brokers.base import Delivery, Subscription
+from cuebx.context import TaskContext, _current
+from cuebx.errors import PublishError
+from cuebx.message import (
+    BROKER_HEADERS,
+    HEADER_ATTEMPT,
+    HEADER_REDELIVERIES,
+    HEADER_TASK,
+    DeadLetterReason,
+    OutgoingMessage,
+    codec_for_content_type,
+    dead_letter_copy,
+    retry_copy,
+)
+from cuebx.policy import DeadLetter, Decision, RetryThrough
+from cuebx.topology import QueueSpec
+
+if TYPE_CHECKING:
+    from cuebx.app import Cuebx
+    from cuebx.task import Task
+
+__all__ = ["Worker"]
+
+logger = logging.getLogger("cuebx.worker")
+
+
+@dataclass(frozen=True, slots=True)
+class _Queue:
+    """What the worker knows about one consumed queue."""
+
+    spec: QueueSpec
+    tasks: Mapping[str, Task[Any, Any]]
+    default: Task[Any, Any] | None
+    prefetch: int
+    #: Count redeliveries ourselves: classic queues have no delivery limit of their own.
+    redelivery_limit: int | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Worker:
+    """Consumers for a set of queues inside one event loop.
+
+    Use `Cuebx.start_consumers` (in a running app, such as a FastAPI lifespan) or the
+    ``cuebx worker`` command rather than building one directly.
+    """
+
+    def __init__(
+        self,
+        app: Cuebx,
+        *,
+        queues: Sequence[str] | None = None,
+        prefetch: int | None = None,
+        shutdown_timeout: float = 30.0,
+    ) -> None:
+        self.app = app
+        self.shutdown_timeout = shutdown_timeout
+        self.queues = self._plan_queues(queues, prefetch)
+        self._threads = anyio.CapacityLimiter(max(1, app.settings.thread_limit))
+        self._stopping = anyio.Event()
+        self._stopped = anyio.Event()
+        self._handlers: anyio.CancelScope | None = None
+        self._running_loops = 0
+        self._drained = anyio.Event()
+        # While a redelivered message's copy is being swapped for it, no handler starts:
+        # see `_redelivered`.
+        self._swapping = 0
+        self._swapped = anyio.Event()
+        self._busy = 0
+        self._receivers: list[MemoryObjectReceiveStream[Delivery]] = []
+
+    def _plan_queues(self, names: Sequence[str] | None, prefetch: int | None) -> list[_Queue]:
+        topology = self.app.topology()
+        mains = {q.name: q for q in topology.main_queues}
+        wanted = list(names) if names else list(mains)
+        unknown = [n for n in wanted if n not in mains]
+        if unknown:
+            raise LookupError(
+                f"no task is registered on queue(s) {', '.join(map(repr, unknown))}; "
+                f"queues with tasks: {', '.join(map(repr, mains)) or 'none'}"
+            )
+        queues = []
+        for name in wanted:
+            spec = mains[name]
+            tasks = {t: self.app.tasks[t] for t in spec.tasks}
+            default = next(iter(tasks.values())) if len(tasks) == 1 else None
+            size = prefetch or spec.prefetch or self.app.settings.prefetch
+            quorum = spec.arguments.get("x-queue-type") == "quorum"
+            limit = None if quorum else self.app.settings.delivery_limit
+            queues.append(_Queue(spec, tasks, default, size, limit))
+        return queues
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """True when no delivery is being handled or waiting in the worker's buffers."""
+        return self._busy == 0 and all(
+            r.statistics().current_buffer_used == 0 for r in self._receivers
+        )
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for."""
+        return self._stopping.is_set()
+
+    def request_stop(self, *, immediate: bool = False) -> None:
+        """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
+        self._stopping.set()
+        if immediate and self._handlers is not None:
+            self._handlers.cancel()
+
+    async def stop(self) -> None:
+        """Stop gracefully and wait until the worker has stopped."""
+        self.request_stop()
+        await self._stopped.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Consume until a stop is requested; `task_status.started()` once consuming.
+
+        On stop: cancel the consumers at once, let running handlers finish for up to
+        `shutdown_timeout` seconds, requeue the rest, close the channels.
+        """
+        subscriptions: list[Subscription] = []
+        try:
+            async with anyio.create_task_group() as group:
+                self._handlers = group.cancel_scope
+                senders = []
+                for queue in self.queues:
+                    sender, receiver = anyio.create_memory_object_stream[Delivery](queue.prefetch)
+                    senders.append(sender)
+                    subscriptions.append(
+                        await self.app.broker.consume(queue.name, queue.prefetch, sender)
+                    )
+                    for _ in range(queue.prefetch):
+                        self._running_loops += 1
+                        group.start_soon(self._serve, queue, receiver.clone())
+                    self._receivers.append(receiver.clone())
+                    receiver.close()
+                    logger.info(
+                        "consuming %r (prefetch %d) for tasks: %s",
+                        queue.name,
+                        queue.prefetch,
+                        ", ".join(queue.tasks),
+                    )
+                group.start_soon(self._supervise, group.cancel_scope, subscriptions, senders)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for subscription in subscriptions:
+                    await subscription.close()
+                for receiver in self._receivers:
+                    receiver.close()
+                self._stopped.set()
+                logger.info("worker stopped")
+
+    async def _supervise(
+        self,
+        handlers: anyio.CancelScope,
+        subscriptions: list[Subscription],
+        senders: list[MemoryObjectSendStream[Delivery]],
+    ) -> None:
+        await self._stopping.wait()
+        logger.info(
+            "stopping: no new messages; waiting up to %gs for running handlers",
+            self.shutdown_timeout,
+        )
+        for subscription in subscriptions:
+            await subscription.cancel()
+        for sender in senders:
+            sender.close()
+        with anyio.move_on_after(self.shutdown_timeout):
+            await self._drained.wait()
+        if not self._drained.is_set():
+            logger.warning("shutdown timeout reached: requeueing unfinished messages")
+            handlers.cancel()
+
+    async def _serve(self, queue: _Queue, receiver: MemoryObjectReceiveStream[Delivery]) -> None:
+        try:
+            async with receiver:
+                async for delivery in receiver:
+                    self._busy += 1
+                    try:
+                        if self._stopping.is_set():
+                            # Delivered but not started when the stop came: give it back.
+                            await delivery.reject(requeue=True)
+                        else:
+                            await self._process(queue, delivery)
+                    finally:
+                        self._busy -= 1
+        finally:
+            self._running_loops -= 1
+            if self._running_loops == 0:
+                self._drained.set()
+
+    # -- one message ------------------------------------------------------------------------
+
+    async def _process(self, queue: _Queue, delivery: Delivery) -> None:
+        headers = delivery.headers
+        name = headers.get(HEADER_TASK)
+        task = queue.default if name is None else queue.tasks.get(name)
+        message_id = delivery.message_id or uuid.uuid4().hex
+        if delivery.redelivered and queue.redelivery_limit is not None:
+            await self._redelivered(queue, delivery, message_id, queue.redelivery_limit)
+            return
+        if task is None:
+            known = ", ".join(map(repr, queue.tasks))
+            why = (
+                f"no task named {name!r} on queue {queue.name!r} (tasks: {known})"
+                if name is not None
+                else f"no {HEADER_TASK} header and queue {queue.name!r} has tasks {known}"
+            )
+            await self._dead_letter(queue, delivery, message_id, "unknown-task", why, name)
+            return
+        limit = self.app.settings.max_message_size
+        if len(delivery.body) > limit:
+            why = f"body of {len(delivery.body)} bytes is over the limit of {limit} bytes"
+            await self._dead_letter(queue, delivery, message_id, "too-large", why, task.name)
+            return
+        codec = codec_for_content_type(delivery.content_type)
+        if codec is None:
+            why = f"unknown content type {delivery.content_type!r}"
+            await self._dead_letter(queue, delivery, message_id, "undecodable", why, task.name)
+            return
+        try:
+            arguments = task.decode(codec, delivery.body)
+        except msgspec.ValidationError as exc:
+            await self._dead_letter(
+                queue, delivery, message_id, "invalid-arguments", exc, task.name
+            )
+            return
+        except msgspec.DecodeError as exc:
+            await self._dead_letter(queue, delivery, message_id, "undecodable", exc, task.name)
+            return
+        context = TaskContext(
+            message_id=message_id,
+            correlation_id=delivery.correlation_id or message_id,
+            attempt=_attempt(headers.get(HEADER_ATTEMPT)),
+            headers=headers,
+            task_name=task.name,
+            queue=queue.name,
+            redelivered=delivery.redelivered,
+        )
+        await self._run(queue, task, context, arguments, delivery)
+
+    async def _run(
+        self,
+        queue: _Queue,
+        task: Task[Any, Any],
+        context: TaskContext,
+        arguments: msgspec.Struct,
+        delivery: Delivery,
+    ) -> None:
+        if self._swapping:
+            await self._swapped.wait()
+        token = _current.set(context)
+        try:
+            timeout = task.options.timeout
+            with anyio.fail_after(timeout) if timeout is not None else nullcontext():
+                if task.is_async:
+                    await task.invoke(context, arguments)
+                else:
+                    await self._run_in_thread(task, context, arguments)
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await delivery.reject(requeue=True)
+            logger.warning(
+                "task %s message %s attempt %d interrupted by shutdown: requeued",
+                task.name,
+                context.message_id,
+                context.attempt,
+                extra=_extra(context),
+            )
+            raise
+        except Exception as exc:
+            await self._failed(queue, task, context, delivery, exc)
+        else:
+            await delivery.ack()
+        finally:
+            _current.reset(token)
+
+    async def _run_in_thread(
+        self, task: Task[Any, Any], context: TaskContext, arguments: msgspec.Struct
+    ) -> None:
+        args, kwargs = task.call_args(context, arguments)
+        call = functools.partial(_with_context, context, task.fn, args, kwargs)
+        try:
+            await anyio.to_thread.run_sync(call, limiter=self._threads, abandon_on_cancel=True)
+        except anyio.get_cancelled_exc_class():
+            logger.warning(
+                "task %s message %s: sync handler abandoned in its thread (a thread cannot be "
+                "killed; it runs on until it returns)",
+                task.name,
+                context.message_id,
+                extra=_extra(context),
+            )
+            raise
+
+    async def _redelivered(
+        self, queue: _Queue, delivery: Delivery, message_id: str, limit: int
+    ) -> None:
+        """Count a classic queue's redelivery in a header, so a poison message cannot loop.
+
+        RabbitMQ sets `redelivered` when an earlier delivery ended without an ack (a worker
+        died or stopped mid-task) but keeps no count on classic queues. The worker moves
+        the message to the back of its queue with the count raised, and past the limit
+        dead-letters it, instead of running a handler that may kill the process again.
+
+        No handler starts until the original's ack is on the wire: otherwise the copy could
+        be handled, and kill the process, before that ack left, and both would come back.
+        """
+        count = _attempt(delivery.headers.get(HEADER_REDELIVERIES)) + 1
+        if count >= limit:
+            why = f"delivered {count} times without finishing (the limit is {limit})"
+            await self._dead_letter(queue, delivery, message_id, "delivery-limit", why, None)
+            return
+        logger.warning(
+            "message %s on %r was redelivered (%d of %d): a worker stopped or died handling it",
+            message_id,
+            queue.name,
+            count,
+            limit,
+        )
+        out = _outgoing(delivery, message_id)
+        copy = replace(out, headers={**out.headers, HEADER_REDELIVERIES: count})
+        if not self._swapping:
+            self._swapped = anyio.Event()
+        self._swapping += 1
+        try:
+            await self._forward(delivery, queue.name, copy, message_id)
+        finally:
+            self._swapping -= 1
+            if not self._swapping:
+                self._swapped.set()
+
+    # -- carrying out decisions -------------------------------------------------------------
+
+    async def _failed(
+        self,
+        queue: _Queue,
+        task: Task[Any, Any],
+        context: TaskContext,
+        delivery: Delivery,
+        error: Exception,
+    ) -> None:
+        decision: Decision = task.retry_policy.on_failure(context.attempt, error)
+        if isinstance(decision, RetryThrough):
+            logger.warning(
+                "task %s message %s attempt %d failed: %s: %s; retrying through %s",
+                task.name,
+                context.message_id,
+                context.attempt,
+                type(error).__name__,
+                error,
+                decision.queue,
+                extra=_extra(context),
+            )
+            copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
+            await self._forward(delivery, decision.queue, copy, context.message_id)
+            return
+        assert isinstance(decision, DeadLetter)
+        logger.error(
+            "task %s message %s attempt %d failed (%s): %s: %s",
+            task.name,
+            context.message_id,
+            context.attempt,
+            decision.reason,
+            type(error).__name__,
+            error,
+            exc_info=error,
+            extra=_extra(context),
+        )
+        await self._dead_letter(
+            queue, delivery, context.message_id, decision.reason, error, task.name
+        )
+
+    async def _dead_letter(
+        self,
+        queue: _Queue,
+        delivery: Delivery,
+        message_id: str,
+        reason: DeadLetterReason,
+        error: BaseException | str,
+        task_name: str | None,
+    ) -> None:
+        target = queue.spec.dead_letter_queue
+        if reason not in ("exhausted", "rejected", "failed"):
+            logger.error(
+                "message %s on %r dead-lettered (%s): %s",
+                message_id,
+                queue.name,
+                reason,
+                error,
+                extra={"task": task_name, "message_id": message_id},
+            )
+        if target is None:
+            logger.error(
+                "queue %r has no dead-letter queue: message %s dropped", queue.name, message_id
+            )
+            await delivery.ack()
+            return
+        copy = dead_letter_copy(
+            _outgoing(delivery, message_id), reason=reason, queue=queue.name, error=error
+        )
+        await self._forward(delivery, target, copy, message_id)
+
+    async def _forward(
+        self, delivery: Delivery, queue: str, copy: OutgoingMessage, message_id: str
+    ) -> None:
+        """Publish a copy through the default exchange, then ack the original."""
+        try:
+            with anyio.CancelScope(shield=True):
+                await self.app.broker.publish("", queue, copy)
+        except PublishError as exc:
+            # Not confirmed: keep the original, so the message is never lost.
+            logger.error(
+                "could not move message %s to %r: %s; requeueing it", message_id, queue, exc
+            )
+            await delivery.reject(requeue=True)
+            return
+        await delivery.ack()
+
+
+def _with_context(
+    context: TaskContext,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    token = _current.set(context)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _current.reset(token)
+
+
+def _attempt(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return 0
+
+
+def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
+    return OutgoingMessage(
+        body=delivery.body,
+        message_id=message_id,
+        correlation_id=delivery.correlation_id or message_id,
+        content_type=delivery.content_type,
+        headers={k: v for k, v in delivery.headers.items() if k not in BROKER_HEADERS},
+        timestamp=delivery.timestamp or datetime.now(UTC),
+        priority=delivery.priority,
+    )
+
+
+def _extra(context: TaskContext) -> dict[str, Any]:
+    return {"task": context.task_name, "message_id": context.message_id, "attempt": context.attempt}
