@@ -1,0 +1,109 @@
+"""The examples run as the docs say."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from cuebx import Cuebx
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def _delete_topology(app: Cuebx) -> None:
+    import anyio
+
+    async def delete() -> None:
+        broker = Cuebx(app.settings.url).broker
+        await broker.connect()
+        try:
+            await broker.delete(app.topology())
+        finally:
+            await broker.close()
+
+    anyio.run(delete)
+
+
+@pytest.fixture
+def examples_on_path(rabbitmq_url: str) -> Iterator[None]:
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def test_quickstart_runs_a_producer_and_a_worker_and_retries_the_flaky_task(
+    examples_on_path: None,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "quickstart.py"],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    import quickstart
+
+    _delete_topology(quickstart.app)
+    assert result.returncode == 0, result.stderr
+    assert "sent welcome to Ann" in result.stdout
+    assert "sent welcome to Flaky <f@example.com> (attempt 1)" in result.stdout
+    assert "done: 3 emails sent" in result.stdout
+
+
+def test_quickstart_without_a_broker_runs_in_process_and_says_so_first(
+    examples_on_path: None,
+) -> None:
+    env = {**os.environ, "CUEBX_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"}
+    result = subprocess.run(
+        [sys.executable, "quickstart.py"],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "running entirely in process on memory://" in lines[0]
+    assert "done: 3 emails sent" in lines[-1]
+
+
+def test_fastapi_example_enqueues_from_a_request_and_its_lifespan_worker_runs_it(
+    examples_on_path: None,
+) -> None:
+    import fastapi_app
+
+    try:
+        with TestClient(fastapi_app.api) as client:
+            response = client.post("/images/42/thumbnail", params={"size": 64})
+            assert response.status_code == 202
+            task_id = response.json()["task_id"]
+            deadline = time.monotonic() + 10
+            while not fastapi_app.thumbnails_made and time.monotonic() < deadline:
+                time.sleep(0.02)
+        assert fastapi_app.thumbnails_made == [(42, 64, task_id)]
+    finally:
+        _delete_topology(fastapi_app.tasks)
+
+
+def test_the_testing_example_passes_as_a_user_would_run_it() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CUEBX_BROKER_URL"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "."],
+        cwd=EXAMPLES / "testing",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 passed" in result.stdout

@@ -1,0 +1,36 @@
+"""Declaring the topology, on both brokers."""
+
+from __future__ import annotations
+
+import pytest
+
+from cuebx import TopologyConflictError
+from tests.conftest import AppFactory
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_clashing_declaration_names_the_queue_the_argument_and_what_cuebx_wanted(
+    make_app: AppFactory, prefix: str
+) -> None:
+    queue = f"{prefix}.jobs"
+    first = make_app()
+
+    @first.task(queue=queue, retries=["5s"])
+    async def job(n: int) -> None: ...
+
+    await first.connect()
+
+    second = make_app()
+
+    @second.task(queue=queue, retries=["5s"], dead_letter=f"{prefix}.other-dlq")
+    async def job2(n: int) -> None: ...
+
+    with pytest.raises(TopologyConflictError) as caught:
+        await second.connect()
+
+    message = str(caught.value)
+    assert caught.value.queue == queue
+    assert f"queue {queue!r}" in message
+    assert "x-dead-letter-routing-key" in message
+    assert f"{prefix}.other-dlq" in message

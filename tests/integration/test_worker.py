@@ -1,0 +1,172 @@
+"""The worker on the real broker: dispatch, context, concurrency, plain publishers."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from cuebx import TaskContext, current_context
+from tests.conftest import AppFactory, Probe, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_start_consumers_runs_delayed_tasks_and_stop_ends_them(
+    make_app: AppFactory, prefix: str, probe: Probe
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.emails"
+    done: list[tuple[str, str]] = []
+
+    @app.task(queue=queue)
+    async def send_welcome(email: str, name: str) -> None:
+        done.append((email, name))
+
+    async with app:
+        worker = await app.start_consumers()
+        await send_welcome.delay("a@example.com", "Ann")
+        await send_welcome.delay(email="b@example.com", name="Bob")
+        await wait_for(lambda: len(done) == 2, what="two tasks handled")
+        await worker.stop()
+
+    assert sorted(done) == [("a@example.com", "Ann"), ("b@example.com", "Bob")]
+    assert await probe.count(queue) == 0
+
+
+async def test_tasks_sharing_a_queue_are_dispatched_by_their_task_header(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.mixed"
+    calls: list[str] = []
+
+    @app.task(queue=queue)
+    async def first(n: int) -> None:
+        calls.append(f"first {n}")
+
+    @app.task(queue=queue, name="second-task")
+    def second(n: int) -> None:
+        calls.append(f"second {n}")
+
+    worker = await app.start_consumers()
+    await first.delay(1)
+    await second.delay(2)
+    await wait_for(lambda: len(calls) == 2, what="both tasks")
+    await worker.stop()
+    assert sorted(calls) == ["first 1", "second 2"]
+
+
+async def test_the_handler_sees_its_task_context_in_async_and_sync_handlers(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.ctx"
+    seen: list[tuple[str, str, int, str, str, str]] = []
+
+    @app.task(queue=queue)
+    async def with_ctx(ctx: TaskContext, n: int) -> None:
+        assert current_context() is ctx
+        seen.append(
+            (
+                ctx.message_id,
+                ctx.correlation_id,
+                ctx.attempt,
+                ctx.task_name,
+                ctx.queue,
+                ctx.headers["tenant"],
+            )
+        )
+
+    @app.task(queue=queue)
+    def sync_ctx(n: int) -> None:
+        ctx = current_context()
+        seen.append(
+            (
+                ctx.message_id,
+                ctx.correlation_id,
+                ctx.attempt,
+                ctx.task_name,
+                ctx.queue,
+                ctx.headers["tenant"],
+            )
+        )
+
+    worker = await app.start_consumers()
+    a = await with_ctx.apply_async(args=(1,), headers={"tenant": "a"}, correlation_id="c-1")
+    b = await sync_ctx.apply_async(args=(2,), headers={"tenant": "b"})
+    await wait_for(lambda: len(seen) == 2, what="two handlers")
+    await worker.stop()
+
+    assert sorted(seen) == sorted(
+        [
+            (a.id, "c-1", 0, "with_ctx", queue, "a"),
+            (b.id, b.id, 0, "sync_ctx", queue, "b"),
+        ]
+    )
+
+
+async def test_a_plain_publishers_json_message_is_handled_by_the_queues_only_task(
+    make_app: AppFactory, prefix: str, probe: Probe
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.legacy"
+    got: list[dict[str, object]] = []
+
+    @app.task(queue=queue)
+    async def import_order(order_id: int, lines: list[str]) -> None:
+        got.append({"order_id": order_id, "lines": lines, "id": current_context().message_id})
+
+    await app.connect()
+    await probe.publish(queue, b'{"order_id": 7, "lines": ["a", "b"]}')  # no headers at all
+    worker = await app.start_consumers()
+    await wait_for(lambda: len(got) == 1, what="the plain message")
+    await worker.stop()
+    assert got[0]["order_id"] == 7
+    assert got[0]["lines"] == ["a", "b"]
+    assert isinstance(got[0]["id"], str)
+    assert len(got[0]["id"]) == 32
+
+
+async def test_concurrent_handlers_never_exceed_the_queue_prefetch(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.bounded"
+    running = 0
+    peak = 0
+    finished = 0
+
+    @app.task(queue=queue, prefetch=3)
+    async def slow(n: int) -> None:
+        nonlocal running, peak, finished
+        running += 1
+        peak = max(peak, running)
+        await anyio.sleep(0.05)
+        running -= 1
+        finished += 1
+
+    await app.connect()
+    await slow.map([(n,) for n in range(30)])
+    worker = await app.start_consumers()
+    await wait_for(lambda: finished == 30, what="30 tasks", timeout=20)
+    await worker.stop()
+    assert peak == 3
+
+
+async def test_a_prefetch_override_applies_to_every_consumed_queue(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app()
+
+    @app.task(queue=f"{prefix}.a", prefetch=50)
+    async def a() -> None: ...
+
+    @app.task(queue=f"{prefix}.b")
+    async def b() -> None: ...
+
+    worker = app.worker(prefetch=2)
+    assert [(q.name, q.prefetch) for q in worker.queues] == [(f"{prefix}.a", 2), (f"{prefix}.b", 2)]
+    only_b = app.worker(queues=[f"{prefix}.b"])
+    assert [q.name for q in only_b.queues] == [f"{prefix}.b"]
+    with pytest.raises(LookupError, match="nope"):
+        app.worker(queues=["nope"])
