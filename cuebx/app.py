@@ -16,9 +16,16 @@ from cuebx.brokers.base import Broker, broker_for_url, mask_url
 from cuebx.context import TaskContext
 from cuebx.durations import Duration, to_seconds
 from cuebx.errors import ArgumentsError, ConfigurationError, DuplicateTaskError, PublishError
-from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, Codec, OutgoingMessage, codec_for
+from cuebx.message import (
+    HEADER_ATTEMPT,
+    HEADER_TASK,
+    Codec,
+    OutgoingMessage,
+    codec_for,
+    new_message_id,
+)
 from cuebx.policy import RetrySpec
-from cuebx.task import TASK_OPTIONS, Task, TaskHandle, TaskOptions, new_message_id
+from cuebx.task import TASK_OPTIONS, Task, TaskHandle, TaskOptions
 from cuebx.topology import QueueType, Topology, plan
 from cuebx.worker import Worker
 

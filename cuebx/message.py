@@ -8,6 +8,7 @@ why it was dead-lettered, keeping the original body, properties and headers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -34,6 +35,7 @@ __all__ = [
     "Serializer",
     "codec_for",
     "dead_letter_copy",
+    "new_message_id",
     "retry_copy",
 ]
 
@@ -138,6 +140,9 @@ def codec_for_content_type(content_type: str | None) -> Codec | None:
     """Return the codec for a received content type; JSON when the publisher gave none."""
     if not content_type:
         return _CODECS["json"]
+    exact = _BY_CONTENT_TYPE.get(content_type)
+    if exact is not None:
+        return exact
     return _BY_CONTENT_TYPE.get(content_type.split(";", 1)[0].strip().lower())
 
 
@@ -172,3 +177,13 @@ def dead_letter_copy(
         HEADER_ORIGIN_QUEUE: queue,
     }
     return replace(message, headers=stamped)
+
+
+# A random 128-bit number with the version (4) and variant bits of a UUID4 put in place.
+_UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def new_message_id() -> str:
+    """Make a task id: a random UUID4 as 32 hex digits (half the cost of `uuid.uuid4().hex`)."""
+    return f"{int.from_bytes(os.urandom(16)) & _UUID4_CLEAR | _UUID4_SET:032x}"

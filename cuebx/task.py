@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import typing
-import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -390,8 +389,3 @@ def _merge_positional(
             raise TypeError(f"got multiple values for argument {key!r}")
         merged[key] = value
     return merged
-
-
-def new_message_id() -> str:
-    """Make a task id: a random UUID4 as 32 hex digits."""
-    return uuid.uuid4().hex

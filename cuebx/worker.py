@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -35,6 +34,7 @@ from cuebx.message import (
     OutgoingMessage,
     codec_for_content_type,
     dead_letter_copy,
+    new_message_id,
     retry_copy,
 )
 from cuebx.policy import DeadLetter, Decision, RetryThrough
@@ -226,7 +226,7 @@ class Worker:
         headers = delivery.headers
         name = headers.get(HEADER_TASK)
         task = queue.default if name is None else queue.tasks.get(name)
-        message_id = delivery.message_id or uuid.uuid4().hex
+        message_id = delivery.message_id or new_message_id()
         if delivery.redelivered and queue.redelivery_limit is not None:
             await self._redelivered(queue, delivery, message_id, queue.redelivery_limit)
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -187,6 +188,7 @@ class AmqpBroker:
         self.connection_name = connection_name or "cuebx"
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
+        self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
         self._subscriptions: list[_Subscription] = []
         self._lock = anyio.Lock()
 
@@ -212,6 +214,7 @@ class AmqpBroker:
             self._publisher = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
+            self._publisher_underlay = None
             self._connection = connection
 
     async def _on_reconnect(self, *_: Any) -> None:
@@ -300,10 +303,22 @@ class AmqpBroker:
 
     # -- publishing -------------------------------------------------------------------------
 
-    async def publish(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+    async def _publish_channel(self) -> aiormq.abc.AbstractChannel:
+        """Wait (within the publish timeout) for the aiormq channel under the publisher.
+
+        Publishing uses that channel directly while it is open; after a reconnection the
+        robust channel has a new one, fetched here.
+        """
         if self._publisher is None:
             self._require()
         assert self._publisher is not None
+        with anyio.fail_after(self.publish_timeout):
+            underlay = await self._publisher.get_underlay_channel()
+        self._publisher_underlay = underlay
+        return underlay
+
+    async def publish(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+        headers = message.headers
         properties = spec.Basic.Properties(
             content_type=message.content_type,
             delivery_mode=_PERSISTENT,
@@ -311,18 +326,24 @@ class AmqpBroker:
             correlation_id=message.correlation_id,
             message_id=message.message_id,
             timestamp=message.timestamp,
-            headers=dict(message.headers),
+            headers=headers if type(headers) is dict else dict(headers),
         )
+        timeout = self.publish_timeout
         try:
-            with anyio.fail_after(self.publish_timeout):
-                underlay = await self._publisher.get_underlay_channel()
-                confirm = await underlay.basic_publish(
-                    message.body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                )
+            underlay = self._publisher_underlay
+            if underlay is None or underlay.is_closed:
+                started = time.monotonic()
+                underlay = await self._publish_channel()
+                timeout = max(0.0, timeout - (time.monotonic() - started))
+            # aiormq bounds the write and the wait for the confirm by `timeout`.
+            confirm = await underlay.basic_publish(
+                message.body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                timeout=timeout,
+            )
         except TimeoutError:
             raise PublishTimeoutError(
                 f"no confirm from {mask_url(self.url)} within {self.publish_timeout:g}s for "

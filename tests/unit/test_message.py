@@ -1,5 +1,6 @@
 """The message envelope: dead-letter stamps, retry copies, and codecs."""
 
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
@@ -19,6 +20,7 @@ from cuebx.message import (
     codec_for,
     codec_for_content_type,
     dead_letter_copy,
+    new_message_id,
     retry_copy,
 )
 
@@ -256,3 +258,13 @@ def test_a_codec_decoder_validates_types(name: str) -> None:
     body = codec.encoder.encode({"email": "a@example.com", "count": "three"})
     with pytest.raises(msgspec.ValidationError, match="count"):
         codec.decoder(Arguments).decode(body)
+
+
+def test_message_ids_are_distinct_uuid4_hex() -> None:
+    ids = {new_message_id() for _ in range(2000)}
+    assert len(ids) == 2000
+    for value in list(ids)[:200]:
+        parsed = uuid.UUID(value)
+        assert len(value) == 32
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
