@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -83,10 +83,6 @@ class TaskDecorator:
         self._options = options
 
     @overload
-    def __call__(self, fn: Callable[Concatenate[TaskContext, P], Awaitable[R]]) -> Task[P, R]: ...
-    @overload
-    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Task[P, R]: ...
-    @overload
     def __call__(self, fn: Callable[Concatenate[TaskContext, P], R]) -> Task[P, R]: ...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Task[P, R]: ...
@@ -103,11 +99,14 @@ class Cuebx:
         exchange: the direct exchange tasks are published to.
         queue_type: ``"classic"`` or ``"quorum"``, for queues whose tasks do not say.
         serializer: ``"json"`` (default) or ``"msgpack"``.
-        delivery_limit: quorum queues: deliveries after which RabbitMQ dead-letters a
-            message that never got acked (it kept crashing workers).
+        delivery_limit: deliveries of a message that never got acked (it kept killing
+            workers) after which it is dead-lettered as a poison message: RabbitMQ counts
+            on quorum queues (``x-delivery-limit``), the worker on classic ones. None for
+            no limit.
         max_priority: give main (classic) queues ``x-max-priority``; None for no priorities.
         prefetch: default unacked messages (= concurrent handlers) per queue.
-        max_message_size: bodies above this many bytes are dead-lettered as ``too-large``.
+        max_message_size: bodies above this many bytes are refused by ``delay()`` and, from
+            other publishers, dead-lettered by the worker as ``too-large``.
         publish_timeout: longest wait for a publisher confirm, reconnection included.
         connect_timeout: longest wait for the first connection.
         shutdown_timeout: how long a stopping worker lets running handlers finish.
@@ -177,10 +176,6 @@ class Cuebx:
 
     # -- registry ---------------------------------------------------------------------------
 
-    @overload
-    def task(self, fn: Callable[Concatenate[TaskContext, P], Awaitable[R]], /) -> Task[P, R]: ...
-    @overload
-    def task(self, fn: Callable[P, Awaitable[R]], /) -> Task[P, R]: ...
     @overload
     def task(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> Task[P, R]: ...
     @overload
@@ -343,6 +338,13 @@ class Cuebx:
         message_id: str | None = None,
     ) -> OutgoingMessage:
         body = task.encode(self.codec, args, kwargs)
+        if len(body) > self.settings.max_message_size:
+            raise ArgumentsError(
+                f"task {task.name!r}: the encoded arguments are {len(body)} bytes, over "
+                f"max_message_size ({self.settings.max_message_size} bytes), so a worker "
+                "would dead-letter the message as too-large; pass a reference (a URL, a key) "
+                "instead of the data, or raise max_message_size on every app of the queue"
+            )
         message_id = message_id or new_message_id()
         all_headers: dict[str, Any] = dict(headers) if headers else {}
         all_headers[HEADER_TASK] = task.name

@@ -44,6 +44,10 @@ def load_app(path: str) -> Cuebx:
         if exc.name and module_name.startswith(exc.name):
             raise click.ClickException(f"-A {path!r}: no module named {exc.name!r}") from None
         raise
+    except CuebxError as exc:
+        # A task or app option refused while the module was imported: the message says
+        # which task and option, so a traceback through importlib adds nothing.
+        raise click.ClickException(f"-A {path!r}: {type(exc).__name__}: {exc}") from None
     if attribute:
         app = getattr(module, attribute, None)
         if app is None:
@@ -96,12 +100,17 @@ def worker(
     # aiormq logs every refused connection itself; cuebx reports it once, with the URL.
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     app = load_app(app_path)
+    if not app.tasks:
+        raise click.ClickException(
+            f"-A {app_path!r}: the app has no tasks; decorate functions with @app.task in "
+            "the module (or in modules it imports)"
+        )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
         seconds = None if shutdown_timeout is None else to_seconds(shutdown_timeout)
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
     except (LookupError, ValueError) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
+        raise click.ClickException(str(exc)) from None
     logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
     for queue in built.queues:
         logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))

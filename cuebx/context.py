@@ -24,8 +24,9 @@ class TaskContext:
         headers: the message headers as received.
         task_name: the registered task name.
         queue: the queue the message was consumed from.
-        redelivered: RabbitMQ's flag: an earlier delivery of this copy was not acked
-            (a worker died or shut down mid-task), so the handler may have run before.
+        redelivered: an earlier delivery of this attempt was not acked (a worker died or
+            shut down mid-task), so the handler may have run before. RabbitMQ's flag, or on
+            classic queues the worker's ``x-cuebx-redeliveries`` count.
     """
 
     message_id: str

@@ -113,7 +113,10 @@ class Retry(TaskSignal):
 
     As a retries spec, `Retry(every="1m", times=3)` means three retries through one
     `Q.retry.1m` tier. Raised from a handler, `raise Retry("rate limited")` retries the
-    message through the next tier even when `retry_on=` would not match the cause.
+    message through the next tier even when `retry_on=` would not match the cause. The
+    delays are the task's tiers, declared on the broker: `every` and `times` only mean
+    something in ``retries=``; a raised `Retry` that sets them is retried as usual and the
+    worker logs a warning that they were ignored.
     """
 
     def __init__(

@@ -147,8 +147,13 @@ def codec_for_content_type(content_type: str | None) -> Codec | None:
 
 
 def retry_copy(message: OutgoingMessage, attempt: int) -> OutgoingMessage:
-    """Copy a message for its next attempt: same body, ids and properties, attempt set."""
-    return replace(message, headers={**message.headers, HEADER_ATTEMPT: attempt})
+    """Copy a message for its next attempt: same body, ids and properties, attempt set.
+
+    A redelivery count is left behind: it belongs to the attempt that ended.
+    """
+    headers = {k: v for k, v in message.headers.items() if k != HEADER_REDELIVERIES}
+    headers[HEADER_ATTEMPT] = attempt
+    return replace(message, headers=headers)
 
 
 def dead_letter_copy(

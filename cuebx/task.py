@@ -19,7 +19,7 @@ import msgspec
 from cuebx.context import TaskContext
 from cuebx.durations import Duration, to_seconds
 from cuebx.errors import ArgumentsError, ConfigurationError
-from cuebx.message import SERIALIZERS, Codec, codec_for
+from cuebx.message import SERIALIZERS, Codec, codec_for, new_message_id
 from cuebx.policy import RetryPolicy, RetrySpec, retry_delays
 from cuebx.topology import QueueRoute, QueueType, retry_queue_name
 
@@ -265,9 +265,28 @@ class Task(Generic[P, R]):
         return f"<Task {self.name!r} queue={self.queue!r}>"
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run the handler in place, as the plain function (no broker involved)."""
+        """Run the handler in place, as the plain function (no broker, no validation).
+
+        An async handler returns its coroutine, to be awaited. A handler that takes a
+        `TaskContext` gets a local one: a new message id, attempt 0, no headers.
+        """
+        if self.takes_context:
+            local: R = self.fn(self.local_context(), *args, **kwargs)
+            return local
         result: R = self.fn(*args, **kwargs)
         return result
+
+    def local_context(self) -> TaskContext:
+        """A `TaskContext` for running this task outside a worker: attempt 0, a new id."""
+        message_id = new_message_id()
+        return TaskContext(
+            message_id=message_id,
+            correlation_id=message_id,
+            attempt=0,
+            headers={},
+            task_name=self.name,
+            queue=self.queue,
+        )
 
     # -- publishing -------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from cuebx.brokers.base import Delivery, Subscription
 from cuebx.context import TaskContext, _current
-from cuebx.errors import PublishError
+from cuebx.errors import PublishError, Retry
 from cuebx.message import (
     BROKER_HEADERS,
     HEADER_ATTEMPT,
@@ -196,6 +196,8 @@ class Worker:
             await subscription.cancel()
         for sender in senders:
             sender.close()
+        if self._running_loops == 0:
+            self._drained.set()  # a worker without queues has nothing to wait for
         with anyio.move_on_after(self.shutdown_timeout):
             await self._drained.wait()
         if not self._drained.is_set():
@@ -266,7 +268,8 @@ class Worker:
             headers=headers,
             task_name=task.name,
             queue=queue.name,
-            redelivered=delivery.redelivered,
+            # A classic queue's redelivered message comes back as a counted copy.
+            redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
         )
         await self._run(queue, task, context, arguments, delivery)
 
@@ -370,6 +373,15 @@ class Worker:
         delivery: Delivery,
         error: Exception,
     ) -> None:
+        if isinstance(error, Retry) and (error.every is not None or error.times is not None):
+            logger.warning(
+                "task %s raised Retry(every=%r, times=%r): a raised Retry goes through the "
+                "task's next retry tier; every= and times= only apply in retries=",
+                task.name,
+                error.every,
+                error.times,
+                extra=_extra(context),
+            )
         decision: Decision = task.retry_policy.on_failure(context.attempt, error)
         if isinstance(decision, RetryThrough):
             logger.warning(

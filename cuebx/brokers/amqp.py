@@ -259,7 +259,16 @@ class AmqpBroker:
 
     async def declare(self, topology: Topology) -> None:
         async with self._scratch_channel() as channel:
-            await channel.exchange_declare(topology.exchange, exchange_type="direct", durable=True)
+            try:
+                await channel.exchange_declare(
+                    topology.exchange, exchange_type="direct", durable=True
+                )
+            except aiormq.exceptions.AMQPError as exc:
+                raise TopologyError(
+                    f"cannot declare exchange {topology.exchange!r} (cuebx wants a durable "
+                    f"direct exchange; one of that name with another type or durability "
+                    f"cannot be redeclared): {_reply_text(exc)}"
+                ) from None
             for queue in topology.queues:
                 try:
                     await channel.queue_declare(
@@ -270,9 +279,17 @@ class AmqpBroker:
                         queue.name, _precondition_detail(exc), queue.arguments
                     ) from None
                 except aiormq.exceptions.AMQPError as exc:
-                    raise TopologyError(f"cannot declare queue {queue.name!r}: {exc}") from exc
+                    raise TopologyError(
+                        f"cannot declare queue {queue.name!r}: {_reply_text(exc)}"
+                    ) from None
                 for key in queue.routing_keys:
-                    await channel.queue_bind(queue.name, topology.exchange, routing_key=key)
+                    try:
+                        await channel.queue_bind(queue.name, topology.exchange, routing_key=key)
+                    except aiormq.exceptions.AMQPError as exc:
+                        raise TopologyError(
+                            f"cannot bind queue {queue.name!r} to exchange "
+                            f"{topology.exchange!r} with routing key {key!r}: {_reply_text(exc)}"
+                        ) from None
 
     async def delete(self, topology: Topology) -> None:
         async with self._scratch_channel() as channel:
@@ -410,9 +427,14 @@ _INEQUIVALENT = re.compile(
 )
 
 
+def _reply_text(exc: BaseException) -> str:
+    """RabbitMQ's reply text of a channel error, such as "PRECONDITION_FAILED - ..."."""
+    return str(exc.args[0] if exc.args else exc) or type(exc).__name__
+
+
 def _precondition_detail(exc: BaseException) -> str:
     """Turn RabbitMQ's PRECONDITION_FAILED text into "argument 'x': cuebx wants A, ..."."""
-    text = str(exc.args[0] if exc.args else exc)
+    text = _reply_text(exc)
     match = _INEQUIVALENT.search(text)
     if match is None:
         return text

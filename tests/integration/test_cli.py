@@ -41,6 +41,11 @@ APP_MODULE = textwrap.dedent(
 @pytest.fixture
 def project(tmp_path: Path, prefix: str, rabbitmq_url: str) -> dict[str, str]:
     (tmp_path / "cliapp.py").write_text(APP_MODULE)
+    (tmp_path / "emptyapp.py").write_text("from cuebx import Cuebx\n\napp = Cuebx()\n")
+    (tmp_path / "badoption.py").write_text(
+        "from cuebx import Cuebx\n\napp = Cuebx()\n\n\n"
+        "@app.task(queue='q', retries=['soon'])\nasync def job() -> None: ...\n"
+    )
     return {
         **os.environ,
         "CUEBX_BROKER_URL": rabbitmq_url,
@@ -128,6 +133,11 @@ def test_cuebx_topology_prints_the_declarations_without_a_broker(
         ("cliapp:missing", "module 'cliapp' has no 'missing'"),
         ("cliapp:OUT", "'OUT' is a PosixPath, not a Cuebx app"),
         ("os", "expected exactly one Cuebx app in 'os', found none"),
+        ("emptyapp", "-A 'emptyapp': the app has no tasks"),
+        (
+            "badoption",
+            "-A 'badoption': ConfigurationError: retries of task 'job': cannot read",
+        ),
     ],
 )
 def test_a_bad_app_path_gives_one_clear_line_and_a_nonzero_exit(
@@ -164,3 +174,20 @@ def test_an_unreachable_broker_gives_one_line_with_the_url_and_no_password(
     assert len(lines) == 1, result.stderr
     assert "127.0.0.1:1" in lines[0]
     assert "s3cret" not in result.stderr
+
+
+def test_an_unknown_queue_is_named_with_the_queues_that_exist(
+    project: dict[str, str], tmp_path: Path, prefix: str
+) -> None:
+    result = subprocess.run(
+        [*CUEBX, "worker", "-A", "cliapp", "-Q", "nope"],
+        cwd=tmp_path,
+        env=project,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip() == (
+        f"Error: no task is registered on queue(s) 'nope'; queues with tasks: '{prefix}.cli'"
+    )

@@ -127,7 +127,7 @@ async def test_retry_on_and_dont_retry_on_choose_which_errors_climb_the_ladder(
 
 
 async def test_reject_dead_letters_at_once_and_a_raised_retry_retries(
-    make_app: AppFactory, prefix: str, probe: Probe
+    make_app: AppFactory, prefix: str, probe: Probe, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = make_app()
     queue = f"{prefix}.signals"
@@ -139,7 +139,7 @@ async def test_reject_dead_letters_at_once_and_a_raised_retry_retries(
         if what == "reject":
             raise Reject("customer deleted")
         if ctx.attempt == 0:
-            raise Retry("rate limited")
+            raise Retry("rate limited", every="1h")  # the tier decides: every= is ignored
 
     worker = await app.start_consumers()
     await steer.delay("reject")
@@ -152,6 +152,7 @@ async def test_reject_dead_letters_at_once_and_a_raised_retry_retries(
     assert dead.headers["x-cuebx-error"] == "customer deleted"
     assert dead.headers["x-cuebx-error-type"] == "cuebx.errors.Reject"
     assert sorted(attempts) == [("reject", 0), ("retry", 0), ("retry", 1)]
+    assert "every= and times= only apply in retries=" in caplog.text
 
 
 async def test_every_kind_of_poison_goes_to_the_dead_letter_queue_and_work_goes_on(

@@ -127,3 +127,19 @@ async def test_countdown_and_eta_say_they_are_not_implemented_yet(
         await later.apply_async(countdown="10m")
     with pytest.raises(NotImplementedError, match="eta"):
         await later.apply_async(eta=datetime.now(UTC))
+
+
+async def test_a_message_over_max_message_size_is_refused_before_it_is_published(
+    make_app: AppFactory, prefix: str, probe: Probe
+) -> None:
+    app = make_app(max_message_size=100)
+    queue = f"{prefix}.big"
+
+    @app.task(queue=queue)
+    async def upload(data: str) -> None: ...
+
+    await app.connect()
+    with pytest.raises(ArgumentsError, match=r"task 'upload': the encoded arguments are 211 bytes"):
+        await upload.delay("x" * 200)
+    await upload.delay("x" * 80)
+    assert await probe.count(queue) == 1

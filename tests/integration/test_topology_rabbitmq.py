@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import aio_pika
 import pytest
 
-from cuebx import Retry
+from cuebx import Retry, TopologyError
 from tests.conftest import AppFactory, Raw, broker_queues
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
@@ -109,3 +110,24 @@ async def test_quorum_queues_get_at_least_once_dead_lettering_and_a_delivery_lim
         "x-overflow": "reject-publish",
     }
     assert queues[f"{queue}.dlq"] == {"x-queue-type": "quorum"}
+
+
+async def test_an_exchange_of_another_type_is_reported_as_a_topology_error(
+    make_rabbit_app: AppFactory, amqp: Raw, prefix: str
+) -> None:
+    name = f"{prefix}.fanout"
+    await amqp.channel.declare_exchange(name, aio_pika.ExchangeType.FANOUT, auto_delete=True)
+    try:
+        app = make_rabbit_app(exchange=name)
+
+        @app.task(queue=f"{prefix}.jobs")
+        async def job(n: int) -> None: ...
+
+        with pytest.raises(TopologyError) as caught:
+            await app.connect()
+        message = str(caught.value)
+        assert f"exchange {name!r}" in message
+        assert "durable direct exchange" in message
+        assert "PRECONDITION_FAILED" in message
+    finally:
+        await amqp.channel.exchange_delete(name)

@@ -170,3 +170,41 @@ async def test_a_prefetch_override_applies_to_every_consumed_queue(
     assert [q.name for q in only_b.queues] == [f"{prefix}.b"]
     with pytest.raises(LookupError, match="nope"):
         app.worker(queues=["nope"])
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+async def test_a_handler_interrupted_by_a_stop_runs_again_marked_redelivered(
+    make_app: AppFactory, prefix: str, queue_type: str
+) -> None:
+    app = make_app(queue_type=queue_type)
+    queue = f"{prefix}.redelivered"
+    seen: list[tuple[str, int, bool]] = []
+    started = anyio.Event()
+
+    @app.task(queue=queue, retries=["100ms"])
+    async def charge(ctx: TaskContext, n: int) -> None:
+        seen.append((ctx.message_id, ctx.attempt, ctx.redelivered))
+        if len(seen) == 1:
+            started.set()
+            await anyio.sleep(60)  # interrupted by the immediate stop
+        if len(seen) == 2:
+            raise RuntimeError("fail once more, to see a retry")
+
+    handle = await charge.delay(1)
+    first = await app.start_consumers()
+    with anyio.fail_after(10):
+        await started.wait()
+    first.request_stop(immediate=True)
+    await first.stop()
+
+    second = await app.start_consumers()
+    await wait_for(lambda: len(seen) == 3, what="the redelivery and the retry")
+    await second.stop()
+    assert seen == [(handle.id, 0, False), (handle.id, 0, True), (handle.id, 1, False)]
+
+
+async def test_a_worker_with_no_queues_stops_at_once(make_app: AppFactory) -> None:
+    app = make_app(shutdown_timeout="30s")
+    worker = await app.start_consumers()
+    with anyio.fail_after(5):  # not the 30 s shutdown timeout
+        await worker.stop()

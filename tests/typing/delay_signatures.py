@@ -46,3 +46,12 @@ async def bad_calls() -> None:
 
 def direct_call_keeps_the_return_type() -> str:
     return sync_report("2026-11-23")
+
+
+async def direct_async_call_is_awaited() -> int:
+    # A direct call runs the handler in place: the context is made up, not passed.
+    return await with_context(42)
+
+
+def direct_call_wrong_argument() -> None:
+    sync_report(3)  # type: ignore[arg-type]

@@ -97,6 +97,21 @@ def test_calling_a_task_runs_the_plain_function(app: Cuebx) -> None:
     assert asyncio.run(add(2, 3)) == 5
 
 
+def test_calling_a_task_that_takes_a_context_gives_it_a_local_one(app: Cuebx) -> None:
+    @app.task(queue="billing")
+    async def charge(ctx: TaskContext, amount: int) -> tuple[str, str, int, int, bool]:
+        return ctx.task_name, ctx.queue, ctx.attempt, amount, ctx.message_id == ctx.correlation_id
+
+    @app.task(queue="billing")
+    def refund(ctx: TaskContext, amount: int) -> str:
+        return ctx.message_id
+
+    assert asyncio.run(charge(7)) == ("charge", "billing", 0, 7, True)
+    first, second = refund(1), refund(1)
+    assert len(first) == 32
+    assert first != second
+
+
 def test_the_task_keeps_the_function_docstring(app: Cuebx) -> None:
     @app.task
     async def job() -> None:

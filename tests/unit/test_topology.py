@@ -144,6 +144,19 @@ def test_dead_letter_false_gives_no_dead_letter_arguments_and_no_dlq(app: Cuebx)
     assert topology.queue("q.retry.30s").arguments["x-dead-letter-routing-key"] == "q"
 
 
+def test_a_shared_dead_letter_queue_cannot_serve_classic_and_quorum_queues(app: Cuebx) -> None:
+    @app.task(queue="a", dead_letter="shared")
+    async def first() -> None: ...
+
+    with pytest.raises(ConfigurationError) as caught:
+
+        @app.task(queue="b", dead_letter="shared", queue_type="quorum")
+        async def second() -> None: ...
+
+    assert "dead-letter queue 'shared' is shared by classic and quorum queues" in str(caught.value)
+    assert list(app.tasks) == ["first"]  # the refused task was not registered
+
+
 def test_a_named_dead_letter_queue_is_shared_by_several_queues(app: Cuebx) -> None:
     @app.task(queue="a", dead_letter="shared")
     async def one() -> None: ...
