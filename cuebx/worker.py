@@ -229,8 +229,10 @@ class Worker:
         name = headers.get(HEADER_TASK)
         task = queue.default if name is None else queue.tasks.get(name)
         message_id = delivery.message_id or new_message_id()
+        attempt = _attempt(headers.get(HEADER_ATTEMPT))
         if delivery.redelivered and queue.redelivery_limit is not None:
-            await self._redelivered(queue, delivery, message_id, queue.redelivery_limit)
+            ref = _Ref(name, message_id, attempt)
+            await self._redelivered(queue, delivery, ref, queue.redelivery_limit)
             return
         if task is None:
             known = ", ".join(map(repr, queue.tasks))
@@ -239,32 +241,35 @@ class Worker:
                 if name is not None
                 else f"no {HEADER_TASK} header and queue {queue.name!r} has tasks {known}"
             )
-            await self._dead_letter(queue, delivery, message_id, "unknown-task", why, name)
+            ref = _Ref(name, message_id, attempt)
+            await self._dead_letter(queue, delivery, ref, "unknown-task", why)
             return
         limit = self.app.settings.max_message_size
         if len(delivery.body) > limit:
             why = f"body of {len(delivery.body)} bytes is over the limit of {limit} bytes"
-            await self._dead_letter(queue, delivery, message_id, "too-large", why, task.name)
+            ref = _Ref(task.name, message_id, attempt)
+            await self._dead_letter(queue, delivery, ref, "too-large", why)
             return
         codec = codec_for_content_type(delivery.content_type)
         if codec is None:
             why = f"unknown content type {delivery.content_type!r}"
-            await self._dead_letter(queue, delivery, message_id, "undecodable", why, task.name)
+            ref = _Ref(task.name, message_id, attempt)
+            await self._dead_letter(queue, delivery, ref, "undecodable", why)
             return
         try:
             arguments = task.decode(codec, delivery.body)
         except msgspec.ValidationError as exc:
-            await self._dead_letter(
-                queue, delivery, message_id, "invalid-arguments", exc, task.name
-            )
+            ref = _Ref(task.name, message_id, attempt)
+            await self._dead_letter(queue, delivery, ref, "invalid-arguments", exc)
             return
         except msgspec.DecodeError as exc:
-            await self._dead_letter(queue, delivery, message_id, "undecodable", exc, task.name)
+            ref = _Ref(task.name, message_id, attempt)
+            await self._dead_letter(queue, delivery, ref, "undecodable", exc)
             return
         context = TaskContext(
             message_id=message_id,
             correlation_id=delivery.correlation_id or message_id,
-            attempt=_attempt(headers.get(HEADER_ATTEMPT)),
+            attempt=attempt,
             headers=headers,
             task_name=task.name,
             queue=queue.name,
@@ -326,9 +331,7 @@ class Worker:
             )
             raise
 
-    async def _redelivered(
-        self, queue: _Queue, delivery: Delivery, message_id: str, limit: int
-    ) -> None:
+    async def _redelivered(self, queue: _Queue, delivery: Delivery, ref: _Ref, limit: int) -> None:
         """Count a classic queue's redelivery in a header, so a poison message cannot loop.
 
         RabbitMQ sets `redelivered` when an earlier delivery ended without an ack (a worker
@@ -342,22 +345,23 @@ class Worker:
         count = _attempt(delivery.headers.get(HEADER_REDELIVERIES)) + 1
         if count >= limit:
             why = f"delivered {count} times without finishing (the limit is {limit})"
-            await self._dead_letter(queue, delivery, message_id, "delivery-limit", why, None)
+            await self._dead_letter(queue, delivery, ref, "delivery-limit", why)
             return
         logger.warning(
             "message %s on %r was redelivered (%d of %d): a worker stopped or died handling it",
-            message_id,
+            ref.message_id,
             queue.name,
             count,
             limit,
+            extra=ref.extra,
         )
-        out = _outgoing(delivery, message_id)
+        out = _outgoing(delivery, ref.message_id)
         copy = replace(out, headers={**out.headers, HEADER_REDELIVERIES: count})
         if not self._swapping:
             self._swapped = anyio.Event()
         self._swapping += 1
         try:
-            await self._forward(delivery, queue.name, copy, message_id)
+            await self._forward(delivery, queue.name, copy, ref)
         finally:
             self._swapping -= 1
             if not self._swapping:
@@ -395,7 +399,7 @@ class Worker:
                 extra=_extra(context),
             )
             copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
-            await self._forward(delivery, decision.queue, copy, context.message_id)
+            await self._forward(delivery, decision.queue, copy, _Ref.of(context))
             return
         assert isinstance(decision, DeadLetter)
         logger.error(
@@ -409,42 +413,42 @@ class Worker:
             exc_info=error,
             extra=_extra(context),
         )
-        await self._dead_letter(
-            queue, delivery, context.message_id, decision.reason, error, task.name
-        )
+        await self._dead_letter(queue, delivery, _Ref.of(context), decision.reason, error)
 
     async def _dead_letter(
         self,
         queue: _Queue,
         delivery: Delivery,
-        message_id: str,
+        ref: _Ref,
         reason: DeadLetterReason,
         error: BaseException | str,
-        task_name: str | None,
     ) -> None:
         target = queue.spec.dead_letter_queue
         if reason not in ("exhausted", "rejected", "failed"):
             logger.error(
                 "message %s on %r dead-lettered (%s): %s",
-                message_id,
+                ref.message_id,
                 queue.name,
                 reason,
                 error,
-                extra={"task": task_name, "message_id": message_id},
+                extra=ref.extra,
             )
         if target is None:
             logger.error(
-                "queue %r has no dead-letter queue: message %s dropped", queue.name, message_id
+                "queue %r has no dead-letter queue: message %s dropped",
+                queue.name,
+                ref.message_id,
+                extra=ref.extra,
             )
             await delivery.ack()
             return
         copy = dead_letter_copy(
-            _outgoing(delivery, message_id), reason=reason, queue=queue.name, error=error
+            _outgoing(delivery, ref.message_id), reason=reason, queue=queue.name, error=error
         )
-        await self._forward(delivery, target, copy, message_id)
+        await self._forward(delivery, target, copy, ref)
 
     async def _forward(
-        self, delivery: Delivery, queue: str, copy: OutgoingMessage, message_id: str
+        self, delivery: Delivery, queue: str, copy: OutgoingMessage, ref: _Ref
     ) -> None:
         """Publish a copy through the default exchange, then ack the original."""
         try:
@@ -453,7 +457,11 @@ class Worker:
         except PublishError as exc:
             # Not confirmed: keep the original, so the message is never lost.
             logger.error(
-                "could not move message %s to %r: %s; requeueing it", message_id, queue, exc
+                "could not move message %s to %r: %s; requeueing it",
+                ref.message_id,
+                queue,
+                exc,
+                extra=ref.extra,
             )
             await delivery.reject(requeue=True)
             return
@@ -493,5 +501,22 @@ def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    """The message a log record is about: every such record carries these as extras."""
+
+    task: str | None
+    message_id: str
+    attempt: int
+
+    @classmethod
+    def of(cls, context: TaskContext) -> _Ref:
+        return cls(context.task_name, context.message_id, context.attempt)
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return {"task": self.task, "message_id": self.message_id, "attempt": self.attempt}
+
+
 def _extra(context: TaskContext) -> dict[str, Any]:
-    return {"task": context.task_name, "message_id": context.message_id, "attempt": context.attempt}
+    return _Ref.of(context).extra

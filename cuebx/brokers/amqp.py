@@ -35,7 +35,7 @@ from cuebx.errors import (
     TopologyError,
     UnroutableError,
 )
-from cuebx.message import OutgoingMessage
+from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage
 from cuebx.topology import Topology
 
 __all__ = ["AmqpBroker"]
@@ -96,7 +96,10 @@ class _AmqpDelivery:
             # The channel that delivered it is gone, so RabbitMQ has already put the
             # message back in its queue: it will be delivered again.
             logger.warning(
-                "could not ack message %s, it will be redelivered: %s", self.message_id, exc
+                "could not ack message %s, it will be redelivered: %s",
+                self.message_id,
+                exc,
+                extra=self._log_extra(),
             )
 
     async def reject(self, *, requeue: bool) -> None:
@@ -104,8 +107,19 @@ class _AmqpDelivery:
             await self._channel.basic_reject(self._tag, requeue=requeue)
         except _LOST_CHANNEL as exc:
             logger.warning(
-                "could not reject message %s, it will be redelivered: %s", self.message_id, exc
+                "could not reject message %s, it will be redelivered: %s",
+                self.message_id,
+                exc,
+                extra=self._log_extra(),
             )
+
+    def _log_extra(self) -> dict[str, Any]:
+        headers = self.headers
+        return {
+            "task": headers.get(HEADER_TASK),
+            "message_id": self.message_id,
+            "attempt": headers.get(HEADER_ATTEMPT, 0),
+        }
 
 
 class _Subscription:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -287,3 +288,27 @@ async def test_a_sync_handler_over_its_timeout_is_reported_and_dead_lettered(
     await worker.stop()
     assert dead.headers["x-cuebx-error-type"] == "builtins.TimeoutError"
     assert any("abandoned in its thread" in r.getMessage() for r in caplog.records)
+
+
+async def test_every_log_record_about_a_message_names_its_task_id_and_attempt(
+    make_app: AppFactory, prefix: str, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.logged"
+
+    @app.task(queue=queue, retries=["100ms"])
+    async def flaky(n: int) -> None:
+        raise RuntimeError("down")
+
+    await app.connect()
+    await probe.publish(queue, b'{"n": "x"}', headers={"x-retry-attempt": 3}, message_id="bad")
+    handle = await flaky.delay(1)
+    caplog.set_level(logging.INFO, logger="cuebx")
+    worker = await app.start_consumers()
+    await probe.take(f"{queue}.dlq")
+    await probe.take(f"{queue}.dlq")
+    await worker.stop()
+
+    about = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "cuebx.worker"]
+    seen = {(vars(r)["task"], vars(r)["message_id"], vars(r)["attempt"]) for r in about}
+    assert seen == {("flaky", "bad", 3), ("flaky", handle.id, 0), ("flaky", handle.id, 1)}
