@@ -149,17 +149,23 @@ async def take(app: Cuebx, queue: str, *, timeout: float = 5.0) -> Delivery:  # 
     """Consume one message from `queue` (waiting up to `timeout`), ack it and return it."""
     if not app._connected:
         await app.connect()
-    sender, receiver = anyio.create_memory_object_stream[Delivery](1)
-    subscription = await app.broker.consume(queue, 1, sender)
+    taken: list[Delivery] = []
+    arrived = anyio.Event()
+
+    async def keep(delivery: Delivery) -> None:
+        taken.append(delivery)
+        arrived.set()
+
+    subscription = await app.broker.consume(queue, 1, keep)
     try:
         with anyio.fail_after(timeout):
-            delivery = await receiver.receive()
-        await delivery.ack()
-        return delivery
+            await arrived.wait()
+        # No next delivery may arrive after the ack, to be put back marked redelivered.
+        await subscription.cancel()
+        await taken[0].ack()
+        return taken[0]
     finally:
         await subscription.close()
-        sender.close()
-        receiver.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,9 @@
 """The worker: consume queues, run handlers, carry out what `cuebx.policy` decides.
 
-Per queue, a channel with ``basic.qos(prefetch)`` feeds a memory stream read by exactly
-`prefetch` handler loops, so at most `prefetch` handlers of one queue run at once, and
-nothing is buffered beyond what RabbitMQ already delivered. A message is acked only after
+Per queue, a channel with ``basic.qos(prefetch)`` delivers messages, and the broker runs
+the worker's handler for each one in a task of its own: at most `prefetch` handlers of one
+queue run at once, nothing is buffered beyond what RabbitMQ already delivered, and no
+message waits for a hand-over between tasks. A message is acked only after
 its handler returned, or after its retry or dead-letter copy was confirmed; whatever is
 not acked when the worker stops or dies goes back to its queue.
 """
@@ -20,7 +21,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from cuebx.brokers.base import Delivery, Subscription
 from cuebx.context import TaskContext, _current
@@ -86,15 +86,13 @@ class Worker:
         self._threads = anyio.CapacityLimiter(max(1, app.settings.thread_limit))
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
-        self._handlers: anyio.CancelScope | None = None
-        self._running_loops = 0
-        self._drained = anyio.Event()
+        # One cancel scope per running handler, to requeue them all on an immediate stop.
+        self._running: set[anyio.CancelScope] = set()
+        self._finished = anyio.Event()  # set whenever the last running handler returns
         # While a redelivered message's copy is being swapped for it, no handler starts:
         # see `_redelivered`.
         self._swapping = 0
         self._swapped = anyio.Event()
-        self._busy = 0
-        self._receivers: list[MemoryObjectReceiveStream[Delivery]] = []
 
     def _plan_queues(self, names: Sequence[str] | None, prefetch: int | None) -> list[_Queue]:
         topology = self.app.topology()
@@ -121,10 +119,8 @@ class Worker:
 
     @property
     def idle(self) -> bool:
-        """True when no delivery is being handled or waiting in the worker's buffers."""
-        return self._busy == 0 and all(
-            r.statistics().current_buffer_used == 0 for r in self._receivers
-        )
+        """True when no handler is running."""
+        return not self._running
 
     @property
     def stopping(self) -> bool:
@@ -134,8 +130,8 @@ class Worker:
     def request_stop(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
         self._stopping.set()
-        if immediate and self._handlers is not None:
-            self._handlers.cancel()
+        if immediate:
+            self._cancel_running()
 
     async def stop(self) -> None:
         """Stop gracefully and wait until the worker has stopped."""
@@ -146,81 +142,81 @@ class Worker:
         """Consume until a stop is requested; `task_status.started()` once consuming.
 
         On stop: cancel the consumers at once, let running handlers finish for up to
-        `shutdown_timeout` seconds, requeue the rest, close the channels.
+        `shutdown_timeout` seconds, requeue the rest, close the channels. Cancelling
+        `run` itself stops at once, requeueing running handlers.
         """
         subscriptions: list[Subscription] = []
         try:
-            async with anyio.create_task_group() as group:
-                self._handlers = group.cancel_scope
-                senders = []
-                for queue in self.queues:
-                    sender, receiver = anyio.create_memory_object_stream[Delivery](queue.prefetch)
-                    senders.append(sender)
-                    subscriptions.append(
-                        await self.app.broker.consume(queue.name, queue.prefetch, sender)
-                    )
-                    for _ in range(queue.prefetch):
-                        self._running_loops += 1
-                        group.start_soon(self._serve, queue, receiver.clone())
-                    self._receivers.append(receiver.clone())
-                    receiver.close()
-                    logger.info(
-                        "consuming %r (prefetch %d) for tasks: %s",
-                        queue.name,
-                        queue.prefetch,
-                        ", ".join(queue.tasks),
-                    )
-                group.start_soon(self._supervise, group.cancel_scope, subscriptions, senders)
-                task_status.started()
+            for queue in self.queues:
+                handler = functools.partial(self._on_delivery, queue)
+                subscriptions.append(
+                    await self.app.broker.consume(queue.name, queue.prefetch, handler)
+                )
+                logger.info(
+                    "consuming %r (prefetch %d) for tasks: %s",
+                    queue.name,
+                    queue.prefetch,
+                    ", ".join(queue.tasks),
+                )
+            task_status.started()
+            await self._stopping.wait()
+            logger.info(
+                "stopping: no new messages; waiting up to %gs for running handlers",
+                self.shutdown_timeout,
+            )
+            for subscription in subscriptions:
+                await subscription.cancel()
+            with anyio.move_on_after(self.shutdown_timeout):
+                await self._all_finished()
+            if self._running:
+                logger.warning("shutdown timeout reached: requeueing unfinished messages")
         finally:
             with anyio.CancelScope(shield=True):
+                # Handlers still running now are requeued: each rejects its own delivery
+                # when cancelled, before its channel closes.
+                self._cancel_running()
+                with anyio.move_on_after(5):
+                    await self._all_finished()
                 for subscription in subscriptions:
                     await subscription.close()
-                for receiver in self._receivers:
-                    receiver.close()
                 self._stopped.set()
                 logger.info("worker stopped")
 
-    async def _supervise(
-        self,
-        handlers: anyio.CancelScope,
-        subscriptions: list[Subscription],
-        senders: list[MemoryObjectSendStream[Delivery]],
-    ) -> None:
-        await self._stopping.wait()
-        logger.info(
-            "stopping: no new messages; waiting up to %gs for running handlers",
-            self.shutdown_timeout,
-        )
-        for subscription in subscriptions:
-            await subscription.cancel()
-        for sender in senders:
-            sender.close()
-        if self._running_loops == 0:
-            self._drained.set()  # a worker without queues has nothing to wait for
-        with anyio.move_on_after(self.shutdown_timeout):
-            await self._drained.wait()
-        if not self._drained.is_set():
-            logger.warning("shutdown timeout reached: requeueing unfinished messages")
-            handlers.cancel()
+    def _cancel_running(self) -> None:
+        for scope in list(self._running):
+            scope.cancel()
 
-    async def _serve(self, queue: _Queue, receiver: MemoryObjectReceiveStream[Delivery]) -> None:
+    async def _all_finished(self) -> None:
+        while self._running:
+            self._finished = anyio.Event()
+            await self._finished.wait()
+
+    async def _on_delivery(self, queue: _Queue, delivery: Delivery) -> None:
+        """Handle one delivery, in the task the broker started for it."""
+        if self._stopping.is_set():
+            # Delivered after the stop began, before basic.cancel took effect: give it back.
+            await delivery.reject(requeue=True)
+            return
+        scope = anyio.CancelScope()
+        self._running.add(scope)
         try:
-            async with receiver:
-                async for delivery in receiver:
-                    self._busy += 1
-                    try:
-                        if self._stopping.is_set():
-                            # Delivered but not started when the stop came: give it back.
-                            await delivery.reject(requeue=True)
-                        else:
-                            await self._process(queue, delivery)
-                    finally:
-                        self._busy -= 1
+            with scope:
+                await self._process(queue, delivery)
+        except Exception:
+            # A fault of cuebx's own (a handler's exceptions are caught in `_run`): keep the
+            # message, and let the redelivery limit end it if it keeps failing this way.
+            logger.exception(
+                "internal error handling message %s on %r: requeueing it",
+                delivery.message_id,
+                queue.name,
+                extra={"message_id": delivery.message_id},
+            )
+            with anyio.CancelScope(shield=True):
+                await delivery.reject(requeue=True)
         finally:
-            self._running_loops -= 1
-            if self._running_loops == 0:
-                self._drained.set()
+            self._running.discard(scope)
+            if not self._running:
+                self._finished.set()
 
     # -- one message ------------------------------------------------------------------------
 
@@ -450,22 +446,26 @@ class Worker:
     async def _forward(
         self, delivery: Delivery, queue: str, copy: OutgoingMessage, ref: _Ref
     ) -> None:
-        """Publish a copy through the default exchange, then ack the original."""
-        try:
-            with anyio.CancelScope(shield=True):
+        """Publish a copy through the default exchange, then ack the original.
+
+        Shielded: a stop that lands between the two would leave both the copy and the
+        original in the broker.
+        """
+        with anyio.CancelScope(shield=True):
+            try:
                 await self.app.broker.publish("", queue, copy)
-        except PublishError as exc:
-            # Not confirmed: keep the original, so the message is never lost.
-            logger.error(
-                "could not move message %s to %r: %s; requeueing it",
-                ref.message_id,
-                queue,
-                exc,
-                extra=ref.extra,
-            )
-            await delivery.reject(requeue=True)
-            return
-        await delivery.ack()
+            except PublishError as exc:
+                # Not confirmed: keep the original, so the message is never lost.
+                logger.error(
+                    "could not move message %s to %r: %s; requeueing it",
+                    ref.message_id,
+                    queue,
+                    exc,
+                    extra=ref.extra,
+                )
+                await delivery.reject(requeue=True)
+                return
+            await delivery.ack()
 
 
 def _with_context(

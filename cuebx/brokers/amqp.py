@@ -23,10 +23,9 @@ import aiormq
 import anyio
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
-from anyio.streams.memory import MemoryObjectSendStream
 from pamqp import commands as spec
 
-from cuebx.brokers.base import Delivery, mask_url
+from cuebx.brokers.base import DeliveryHandler, mask_url
 from cuebx.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -123,27 +122,24 @@ class _AmqpDelivery:
 
 
 class _Subscription:
-    """One queue's consumer on its own channel; re-registered after a reconnection."""
+    """One queue's consumer on its own channel; re-registered after a reconnection.
+
+    aiormq runs the consumer callback in a task per message, so the handler runs right in
+    it; closing the channel (or losing the connection) cancels those tasks, and RabbitMQ
+    requeues their messages.
+    """
 
     def __init__(
-        self,
-        channel: AbstractRobustChannel,
-        queue: str,
-        deliveries: MemoryObjectSendStream[Delivery],
+        self, channel: AbstractRobustChannel, queue: str, handler: DeliveryHandler
     ) -> None:
         self.channel = channel
         self.queue = queue
-        self.deliveries = deliveries
+        self.handler = handler
         self.consumer_tag: str | None = None
         self.active = True
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        try:
-            await self.deliveries.send(_AmqpDelivery(message))
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            # The worker stopped reading between basic.cancel and this delivery; the
-            # message stays unacked and goes back to the queue when the channel closes.
-            pass
+        await self.handler(_AmqpDelivery(message))
 
     async def start(self) -> None:
         underlay = await self.channel.get_underlay_channel()
@@ -418,14 +414,12 @@ class AmqpBroker:
 
     # -- consuming --------------------------------------------------------------------------
 
-    async def consume(
-        self, queue: str, prefetch: int, deliveries: MemoryObjectSendStream[Delivery]
-    ) -> _Subscription:
+    async def consume(self, queue: str, prefetch: int, handler: DeliveryHandler) -> _Subscription:
         connection = self._require()
         channel = await connection.channel(publisher_confirms=False)
         # set_qos through aio-pika so that the robust channel restores it on reconnect.
         await channel.set_qos(prefetch_count=prefetch)
-        subscription = _Subscription(channel, queue, deliveries)
+        subscription = _Subscription(channel, queue, handler)
         try:
             await subscription.start()
         except aiormq.exceptions.ChannelNotFoundEntity:

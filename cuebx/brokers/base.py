@@ -1,25 +1,31 @@
 """The broker protocol: queues and bytes, never tasks.
 
-A broker declares a `Topology`, publishes `OutgoingMessage` values with confirms, and feeds
-deliveries of one queue into a stream the worker reads. Two implementations stand behind it:
-`cuebx.brokers.amqp` (RabbitMQ through aio-pika) and `cuebx.brokers.memory` (in process).
+A broker declares a `Topology`, publishes `OutgoingMessage` values with confirms, and hands
+each delivery of a consumed queue to a handler of the worker, in a task of its own. Two
+implementations stand behind it: `cuebx.brokers.amqp` (RabbitMQ through aio-pika) and
+`cuebx.brokers.memory` (in process).
 Brokers are chosen by URL scheme and imported lazily, so ``memory://`` never loads aio-pika.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
-
-from anyio.streams.memory import MemoryObjectSendStream
 
 from cuebx.message import OutgoingMessage
 from cuebx.topology import Topology
 
-__all__ = ["Broker", "Delivery", "Subscription", "broker_for_url", "mask_url"]
+__all__ = [
+    "Broker",
+    "Delivery",
+    "DeliveryHandler",
+    "Subscription",
+    "broker_for_url",
+    "mask_url",
+]
 
 
 @runtime_checkable
@@ -49,6 +55,10 @@ class Delivery(Protocol):
 
     async def reject(self, *, requeue: bool) -> None:
         """Reject: requeue it, or let the broker dead-letter (or drop) it."""
+
+
+DeliveryHandler: TypeAlias = Callable[[Delivery], Awaitable[None]]
+"""Called by a broker once per delivery, each call in its own task; it settles the delivery."""
 
 
 class Subscription(Protocol):
@@ -100,13 +110,15 @@ class Broker(Protocol):
             One entry per item, in order: None when confirmed, else the error.
         """
 
-    async def consume(
-        self, queue: str, prefetch: int, deliveries: MemoryObjectSendStream[Delivery]
-    ) -> Subscription:
-        """Start consuming `queue` with `prefetch` unacked messages at most.
+    async def consume(self, queue: str, prefetch: int, handler: DeliveryHandler) -> Subscription:
+        """Start consuming `queue` with at most `prefetch` unsettled deliveries (0: no limit).
 
-        Deliveries are sent into `deliveries`; the call returns once the broker has
-        registered the consumer.
+        The broker calls ``handler(delivery)`` for each delivery, each call in a task of its
+        own, so at most `prefetch` calls run at once. Nothing is buffered between the
+        broker and the handler. `handler` should settle the delivery and not raise: an
+        exception is logged and leaves the delivery unsettled until its consumer closes.
+        Closing the subscription (or losing the connection) may cancel running calls; their
+        unsettled deliveries go back to the queue. Returns once the consumer is registered.
         """
 
     async def queue_length(self, queue: str) -> int:

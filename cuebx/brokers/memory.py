@@ -2,13 +2,15 @@
 
 `MemoryBroker` is a second real implementation of `cuebx.brokers.base.Broker`, not a mock:
 it routes through a direct exchange and the default exchange, refuses unroutable mandatory
-publishes, bounds unacked deliveries by prefetch, round-robins consumers, orders by
+publishes, calls a consumer's handler once per delivery in a task of its own (as aiormq
+does), bounds unacked deliveries by prefetch, round-robins consumers, orders by
 ``x-max-priority``, expires by ``x-message-ttl`` and dead-letters through
 ``x-dead-letter-exchange`` / ``x-dead-letter-routing-key`` with an ``x-death`` header, counts
 quorum-queue redeliveries against ``x-delivery-limit``, refuses a redeclaration with other
-arguments, and requeues whatever is unacked when a channel closes. So a retry ladder runs
-end to end in a unit test: advance the clock by 30 seconds and the message that waited in
-``Q.retry.30s`` is back in ``Q``, delivered to the worker, with its ``x-death`` entry.
+arguments, and when a channel closes cancels its running handlers and requeues whatever is
+unacked. So a retry ladder runs end to end in a unit test: advance the clock by 30 seconds
+and the message that waited in ``Q.retry.30s`` is back in ``Q``, delivered to the worker,
+with its ``x-death`` entry.
 
 Time is a `Clock` that stands still until `Clock.advance` moves it (TTLs expire in time
 order as it passes them); ``MemoryBroker(url, real_time=True)`` makes it follow the
@@ -26,8 +28,10 @@ are always positive: nothing is lost in memory. Each broker object is its own se
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import heapq
 import itertools
+import logging
 import math
 import time
 from collections import deque
@@ -40,9 +44,8 @@ from urllib.parse import urlsplit
 import anyio
 from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
-from anyio.streams.memory import MemoryObjectSendStream
 
-from cuebx.brokers.base import Delivery
+from cuebx.brokers.base import DeliveryHandler
 from cuebx.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -55,6 +58,8 @@ from cuebx.message import OutgoingMessage
 from cuebx.topology import Topology
 
 __all__ = ["Clock", "MemoryBroker"]
+
+logger = logging.getLogger("cuebx.memory")
 
 DeathReason = Literal["expired", "rejected", "delivery_limit"]
 Outcome = Literal["acked", "rejected", "returned"]
@@ -242,25 +247,21 @@ class _Queue:
 
 
 class _Consumer:
-    """One ``basic.consume``: the stream it feeds and the deliveries it has not settled."""
+    """One ``basic.consume``: its handler, the deliveries it has not settled, and the
+    handler calls running (by delivery tag), which closing its channel cancels."""
 
-    def __init__(
-        self, tag: str, queue: _Queue, prefetch: int, stream: MemoryObjectSendStream[Delivery]
-    ) -> None:
+    def __init__(self, tag: str, queue: _Queue, prefetch: int, handler: DeliveryHandler) -> None:
         self.tag = tag
         self.queue = queue
         self.prefetch = prefetch
-        self.stream = stream
+        self.handler = handler
         self.active = True
         self.unacked: dict[int, _MemoryDelivery] = {}
-        # A delivery waiting for room in a full stream, sent by a task of the broker.
-        self.sending: _MemoryDelivery | None = None
-        self.sender: anyio.CancelScope | None = None
+        self.running: dict[int, anyio.CancelScope] = {}
 
     def has_room(self) -> bool:
         # prefetch 0 means no limit, as with basic.qos.
-        within = self.prefetch == 0 or len(self.unacked) < self.prefetch
-        return self.active and self.sending is None and within
+        return self.active and (self.prefetch == 0 or len(self.unacked) < self.prefetch)
 
 
 class _MemoryDelivery:
@@ -356,12 +357,13 @@ class _MemorySubscription:
         return self._consumer.tag
 
     async def cancel(self) -> None:
-        """Stop new deliveries (``basic.cancel``); unacked ones stay until settled."""
+        """Stop new deliveries (``basic.cancel``); running handlers go on and can settle."""
         await checkpoint()
         self._broker._cancel(self._consumer)
 
     async def close(self) -> None:
-        """Cancel and close the consumer's channel: its unacked deliveries are requeued."""
+        """Cancel and close the consumer's channel: its running handlers are cancelled (this
+        does not wait for them to end) and its unacked deliveries are requeued."""
         await checkpoint()
         self._broker._close_consumer(self._consumer)
 
@@ -372,10 +374,15 @@ class _TaskHost:
     A task group is entered and left by the same task, and `connect` and `close` may run in
     different tasks (a FastAPI lifespan, a pytest fixture), so a host task holds it. That
     task is the one asyncio-specific piece; the tasks inside it are plain anyio.
+
+    Its tasks start in the host task's context variables, not in those of whoever happened
+    to start them (a publisher whose message a consumer gets at once): so aiormq's tasks
+    start in its connection's context, not in a publisher's.
     """
 
     def __init__(self) -> None:
         self._group: TaskGroup | None = None
+        self._context: contextvars.Context | None = None
         self._stop: anyio.Event | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -390,6 +397,7 @@ class _TaskHost:
         async def host() -> None:
             async with anyio.create_task_group() as group:
                 self._group = group
+                self._context = contextvars.copy_context()
                 started.set()
                 await stop.wait()
                 group.cancel_scope.cancel()
@@ -400,12 +408,13 @@ class _TaskHost:
             await started.wait()
 
     def start_soon(self, func: Callable[[*Ts], Coroutine[Any, Any, None]], *args: *Ts) -> None:
-        if self._group is None:
+        group, context = self._group, self._context
+        if group is None or context is None:
             raise BrokerUnavailableError("the memory broker is closed")
-        self._group.start_soon(func, *args)
+        context.run(lambda: group.start_soon(func, *args))
 
     async def stop(self) -> None:
-        task, self._task, self._group = self._task, None, None
+        task, self._task, self._group, self._context = self._task, None, None, None
         if task is None or self._stop is None:
             return
         self._stop.set()
@@ -650,14 +659,17 @@ class MemoryBroker:
     # -- consuming --------------------------------------------------------------------------
 
     async def consume(
-        self, queue: str, prefetch: int, deliveries: MemoryObjectSendStream[Delivery]
+        self, queue: str, prefetch: int, handler: DeliveryHandler
     ) -> _MemorySubscription:
-        """Start consuming `queue`; ready messages are in `deliveries` when this returns.
+        """Start consuming `queue`: ``handler(delivery)`` runs for each delivery, in a task.
 
-        A stream with room for `prefetch` items gets each delivery at once; with less room,
-        a task of the broker waits to hand over one delivery at a time, and the consumer
-        gets no other until it is taken. The broker never closes `deliveries`: its owner
-        does, and a consumer whose stream is closed gets nothing more.
+        Each call runs in a task of the broker's own, started in the broker's context
+        variables; at most `prefetch` deliveries are unsettled at once (0: no limit), so at
+        most that many calls run. A call that raises is logged on ``cuebx.memory`` and leaves
+        its delivery unsettled until the consumer's channel closes, as with aiormq. Closing
+        the subscription (or the broker) cancels the running calls and requeues their
+        unsettled deliveries. Ready messages are handed over when this returns; their calls
+        start at the next checkpoint.
 
         Raises:
             TopologyError: the queue does not exist.
@@ -669,7 +681,7 @@ class MemoryBroker:
         target = self._queues.get(queue)
         if target is None:
             raise TopologyError(f"cannot consume queue {queue!r}: it does not exist")
-        consumer = _Consumer(f"memory.ctag-{next(self._tags)}", target, prefetch, deliveries)
+        consumer = _Consumer(f"memory.ctag-{next(self._tags)}", target, prefetch, handler)
         target.consumers.append(consumer)
         self._consumers.append(consumer)
         self._dispatch(target)
@@ -685,43 +697,29 @@ class MemoryBroker:
 
     def _deliver(self, consumer: _Consumer, entry: _Entry) -> None:
         delivery = _MemoryDelivery(self, consumer, entry, next(self._tags))
-        try:
-            consumer.stream.send_nowait(delivery)
-        except anyio.WouldBlock:
-            consumer.sending = delivery
-            self._host.start_soon(self._send_later, consumer, delivery)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            # Nobody reads that stream any more: the message never left the broker.
-            self._stop_consumer(consumer)
-            self._make_ready(entry)
-            return
         consumer.unacked[delivery.delivery_tag] = delivery
+        self._host.start_soon(self._handle, consumer, delivery)
 
-    async def _send_later(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
+    async def _handle(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
+        """Run the consumer's handler for one delivery, in a scope its channel cancels."""
         if delivery.outcome is not None:
             return  # the consumer's channel closed before this task started
+        tag = delivery.delivery_tag
         with anyio.CancelScope() as scope:
-            consumer.sender = scope
+            consumer.running[tag] = scope
             try:
-                await consumer.stream.send(delivery)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._withdraw(consumer, delivery)
-        consumer.sender = None
-        if consumer.sending is delivery:
-            consumer.sending = None
-            self._forget_if_done(consumer)
-        if not scope.cancelled_caught:
-            self._dispatch(consumer.queue)
-            self._fire_due()
-
-    def _withdraw(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
-        """Take back a delivery no reader took: untouched, not redelivered."""
-        if delivery.outcome is not None:
-            return
-        delivery.outcome = "returned"
-        consumer.unacked.pop(delivery.delivery_tag, None)
-        self._stop_consumer(consumer)
-        self._make_ready(delivery.entry)
+                await consumer.handler(delivery)
+            except Exception:
+                logger.exception(
+                    "the handler of consumer %s raised on delivery %s of message %s from "
+                    "queue %r; the delivery stays unacked until the consumer is closed",
+                    consumer.tag,
+                    tag,
+                    delivery.message_id,
+                    delivery.queue,
+                )
+            finally:
+                del consumer.running[tag]
 
     def _cancel(self, consumer: _Consumer) -> None:
         self._stop_consumer(consumer)
@@ -742,21 +740,19 @@ class MemoryBroker:
 
     def _forget_if_done(self, consumer: _Consumer) -> None:
         """Drop a stopped consumer once it holds nothing, so that none piles up."""
-        done = not consumer.active and not consumer.unacked and consumer.sending is None
-        if done and consumer in self._consumers:
+        if not consumer.active and not consumer.unacked and consumer in self._consumers:
             self._consumers.remove(consumer)
 
     def _detach(self, consumer: _Consumer) -> None:
-        """Stop a consumer and the hand-over it may be waiting on: its channel closes."""
+        """Stop a consumer and cancel its running handler calls: its channel closes."""
         self._stop_consumer(consumer)
-        if consumer.sender is not None:
-            consumer.sender.cancel()
+        for scope in consumer.running.values():
+            scope.cancel()
 
     def _return_unacked(self, consumer: _Consumer) -> None:
         """Requeue what a closed channel held, as RabbitMQ does: redelivered, in place."""
         deliveries = list(consumer.unacked.values())
         consumer.unacked.clear()
-        consumer.sending = None
         for delivery in deliveries:
             delivery.outcome = "returned"
             self._return(delivery.entry)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
+import math
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -83,7 +86,7 @@ def as_message(delivery: Delivery) -> OutgoingMessage:
 
 
 class Consumer:
-    """One consume() call and the stream it feeds."""
+    """One consume() call whose handler passes each delivery, unsettled, to the test."""
 
     def __init__(
         self, subscription: Subscription, receive: MemoryObjectReceiveStream[Delivery]
@@ -95,8 +98,9 @@ class Consumer:
         with anyio.fail_after(within):
             return await self.receive.receive()
 
-    def nothing_more(self) -> bool:
-        """The memory broker hands deliveries over synchronously: none is on its way."""
+    async def nothing_more(self) -> bool:
+        """Once every task is blocked, no handler call is on its way: is none waiting?"""
+        await all_blocked()
         try:
             self.receive.receive_nowait()
         except anyio.WouldBlock:
@@ -106,17 +110,70 @@ class Consumer:
 
 @asynccontextmanager
 async def consuming(
-    broker: MemoryBroker, queue: str, *, prefetch: int = 10, buffer: int | None = None
+    broker: MemoryBroker, queue: str, *, prefetch: int = 10
 ) -> AsyncIterator[Consumer]:
-    size = prefetch if buffer is None else buffer
-    send, receive = anyio.create_memory_object_stream[Delivery](size)
+    """Consume `queue`, cancelling the consumer at the end (its unacked deliveries stay)."""
+    send, receive = anyio.create_memory_object_stream[Delivery](math.inf)
+
+    async def handler(delivery: Delivery) -> None:
+        # A call that starts after the test closed its end leaves the delivery unacked.
+        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            send.send_nowait(delivery)
+
     with send, receive:
-        subscription = await broker.consume(queue, prefetch, send)
-        yield Consumer(subscription, receive)
+        subscription = await broker.consume(queue, prefetch, handler)
+        try:
+            yield Consumer(subscription, receive)
+        finally:
+            await subscription.cancel()
 
 
-async def settled() -> None:
-    """Wait until the broker's own tasks (a hand-over to a full stream) are blocked."""
+class Holding:
+    """A handler that records each call and holds it until the test releases its message.
+
+    A released call acks its delivery; `running` and `most` count the calls in progress.
+    """
+
+    def __init__(self) -> None:
+        self.started: list[Delivery] = []
+        self.acked: list[bytes] = []
+        self.cancelled: list[bytes] = []
+        self.running = 0
+        self.most = 0
+        self._release: dict[bytes, anyio.Event] = {}
+
+    def release(self, body: bytes) -> None:
+        self._release.setdefault(body, anyio.Event()).set()
+
+    async def __call__(self, delivery: Delivery) -> None:
+        self.started.append(delivery)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await self._release.setdefault(delivery.body, anyio.Event()).wait()
+            await delivery.ack()
+            self.acked.append(delivery.body)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(delivery.body)
+            with anyio.CancelScope(shield=True):
+                await delivery.ack()  # its channel is gone: nothing happens
+            raise
+        finally:
+            self.running -= 1
+
+    def bodies(self) -> list[bytes]:
+        return [delivery.body for delivery in self.started]
+
+
+async def until(condition: Callable[[], bool], within: float = 1.0) -> None:
+    """Wait for `condition`, failing the test after `within` seconds."""
+    with anyio.fail_after(within):
+        while not condition():
+            await anyio.sleep(0.001)
+
+
+async def all_blocked() -> None:
+    """Wait until every other task (the broker's handler calls too) waits on something."""
     with anyio.fail_after(1):
         await anyio.wait_all_tasks_blocked()
 
@@ -209,63 +266,192 @@ async def test_prefetch_bounds_the_unacked_deliveries(broker: MemoryBroker) -> N
         first = await consumer.next()
         second = await consumer.next()
         assert [first.body, second.body] == [b"0", b"1"]
-        assert consumer.nothing_more()
+        assert await consumer.nothing_more()
         assert await broker.queue_length("emails") == 3
 
         await first.ack()
 
         assert (await consumer.next()).body == b"2"
-        assert consumer.nothing_more()
+        assert await consumer.nothing_more()
         assert await broker.queue_length("emails") == 2
 
 
-async def test_a_stream_smaller_than_prefetch_still_gets_every_delivery(
+async def test_at_most_prefetch_handler_calls_run_and_a_settled_one_makes_room(
     broker: MemoryBroker,
 ) -> None:
-    for n in range(3):
+    for n in range(5):
         await broker.publish("cuebx", "emails", message(str(n).encode()))
+    handler = Holding()
 
-    async with consuming(broker, "emails", prefetch=3, buffer=0) as consumer:
-        received = [await consumer.next() for _ in range(3)]
-        assert [d.body for d in received] == [b"0", b"1", b"2"]
-        for delivery in received:
-            await delivery.ack()
+    subscription = await broker.consume("emails", 2, handler)
+    try:
+        await until(lambda: handler.running == 2)
+        await all_blocked()
+        assert handler.bodies() == [b"0", b"1"]
+        assert await broker.queue_length("emails") == 3
 
+        handler.release(b"1")
+
+        await until(lambda: len(handler.started) == 3)
+        await all_blocked()
+        assert handler.acked == [b"1"]
+        assert handler.bodies() == [b"0", b"1", b"2"]
+        assert handler.running == 2
+
+        for body in (b"0", b"2", b"3", b"4"):
+            handler.release(body)
+        await until(lambda: len(handler.acked) == 5)
+    finally:
+        await subscription.close()
+
+    assert handler.most == 2
+    assert handler.bodies() == [b"0", b"1", b"2", b"3", b"4"]
+    assert await broker.queue_length("emails") == 0
     assert broker.is_idle()
 
 
-async def test_a_delivery_no_reader_took_goes_back_untouched(broker: MemoryBroker) -> None:
-    async with consuming(broker, "emails", prefetch=2, buffer=0) as consumer:
-        await broker.publish("cuebx", "emails", message())
-        assert await broker.queue_length("emails") == 0  # handed to the consumer, waiting
+async def test_prefetch_zero_runs_every_delivery_at_once(broker: MemoryBroker) -> None:
+    bodies = [str(n).encode() for n in range(20)]
+    for body in bodies:
+        await broker.publish("cuebx", "emails", message(body))
+    handler = Holding()
 
-        consumer.receive.close()
+    subscription = await broker.consume("emails", 0, handler)
+    try:
+        await until(lambda: handler.running == 20)
+        assert await broker.queue_length("emails") == 0
 
-        await settled()
-        assert await broker.queue_length("emails") == 1
-    async with consuming(broker, "emails") as consumer:
-        assert (await consumer.next()).redelivered is False
+        await broker.publish("cuebx", "emails", message(b"late"))
+
+        await until(lambda: handler.running == 21)
+        for body in [*bodies, b"late"]:
+            handler.release(body)
+        await until(lambda: len(handler.acked) == 21)
+    finally:
+        await subscription.close()
+
+    assert handler.most == 21
+    assert broker.is_idle()
 
 
-async def test_close_requeues_a_delivery_still_waiting_for_its_reader(
+async def test_a_handler_that_raises_is_logged_and_leaves_its_delivery_unacked(
+    broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    await broker.publish("cuebx", "emails", message(b"bad"))
+    await broker.publish("cuebx", "emails", message(b"next"))
+    calls: list[Delivery] = []
+
+    async def handler(delivery: Delivery) -> None:
+        calls.append(delivery)
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger="cuebx.memory"):
+        subscription = await broker.consume("emails", 1, handler)
+        await until(lambda: any(r.name == "cuebx.memory" for r in caplog.records))
+        await all_blocked()
+
+    [record] = [r for r in caplog.records if r.name == "cuebx.memory"]
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], RuntimeError)
+    assert str(calls[0].message_id) in record.getMessage()
+    # Unsettled, "bad" holds the only prefetch slot: "next" waits in the queue.
+    assert [d.body for d in calls] == [b"bad"]
+    assert await broker.queue_length("emails") == 1
+    assert broker.is_idle() is False
+
+    await subscription.close()
+
+    assert [m.body for m in broker.messages("emails")] == [b"bad", b"next"]
+    async with consuming(broker, "emails", prefetch=1) as consumer:
+        again = await consumer.next()
+        assert (again.body, again.redelivered) == (b"bad", True)
+        await again.ack()
+
+
+async def test_closing_a_subscription_cancels_its_running_handlers(
     broker: MemoryBroker,
 ) -> None:
-    async with consuming(broker, "emails", prefetch=2, buffer=0):
-        await broker.publish("cuebx", "emails", message())
-        assert broker.is_idle() is False
+    await broker.publish("cuebx", "emails", message(b"slow"))
+    handler = Holding()
+    subscription = await broker.consume("emails", 1, handler)
+    await until(lambda: handler.running == 1)
 
-        await broker.close()
+    await subscription.close()
 
-    assert [m.body for m in broker.messages("emails")] == [b"{}"]
+    await until(lambda: handler.running == 0)
+    assert handler.cancelled == [b"slow"]
+    assert handler.acked == []
+    # The handler's ack after the close did nothing: the message is back, redelivered.
+    assert [m.body for m in broker.messages("emails")] == [b"slow"]
+    async with consuming(broker, "emails") as consumer:
+        again = await consumer.next()
+        assert (again.body, again.redelivered) == (b"slow", True)
+        await again.ack()
 
 
-async def test_prefetch_zero_means_no_limit(broker: MemoryBroker) -> None:
-    for _ in range(3):
-        await broker.publish("cuebx", "emails", message())
+async def test_closing_the_broker_cancels_running_handlers_before_it_returns(
+    broker: MemoryBroker,
+) -> None:
+    await broker.publish("cuebx", "emails", message(b"slow"))
+    handler = Holding()
+    await broker.consume("emails", 1, handler)
+    await until(lambda: handler.running == 1)
 
-    async with consuming(broker, "emails", prefetch=0, buffer=10) as consumer:
-        assert [(await consumer.next()).message_id is not None for _ in range(3)] == [True] * 3
-        assert await broker.queue_length("emails") == 0
+    await broker.close()
+
+    assert handler.cancelled == [b"slow"]
+    assert handler.running == 0
+    await broker.connect()
+    async with consuming(broker, "emails") as consumer:
+        again = await consumer.next()
+        assert (again.body, again.redelivered) == (b"slow", True)
+        await again.ack()
+
+
+async def test_cancel_lets_a_running_handler_finish_and_ack(broker: MemoryBroker) -> None:
+    await broker.publish("cuebx", "emails", message(b"held"))
+    handler = Holding()
+    subscription = await broker.consume("emails", 1, handler)
+    await until(lambda: handler.running == 1)
+
+    await subscription.cancel()
+    await broker.publish("cuebx", "emails", message(b"later"))
+    handler.release(b"held")
+
+    await until(lambda: handler.running == 0)
+    await all_blocked()
+    assert (handler.acked, handler.cancelled) == ([b"held"], [])
+    assert handler.bodies() == [b"held"]  # "later" went to no cancelled consumer
+    assert [m.body for m in broker.messages("emails")] == [b"later"]
+    assert broker.is_idle()
+
+    await subscription.close()
+
+    assert [m.body for m in broker.messages("emails")] == [b"later"]  # nothing to requeue
+
+
+REQUEST: ContextVar[str] = ContextVar("REQUEST", default="unset")
+
+
+async def test_handlers_start_in_the_broker_context_not_the_publisher_s(
+    broker: MemoryBroker,
+) -> None:
+    seen: list[str] = []
+
+    async def handler(delivery: Delivery) -> None:
+        seen.append(REQUEST.get())
+        await delivery.ack()
+
+    subscription = await broker.consume("emails", 1, handler)
+    token = REQUEST.set("publisher")
+    try:
+        await broker.publish("cuebx", "emails", message())  # delivered right away
+    finally:
+        REQUEST.reset(token)
+
+    await until(lambda: bool(seen))
+    assert seen == ["unset"]
+    await subscription.close()
 
 
 async def test_consumers_of_one_queue_take_turns(broker: MemoryBroker) -> None:
@@ -361,20 +547,10 @@ async def test_cancel_stops_new_deliveries_and_keeps_unacked_ones(broker: Memory
         await broker.publish("cuebx", "emails", message(b"later"))
         await held.ack()
 
-        assert consumer.nothing_more()
+        assert await consumer.nothing_more()
         assert await broker.queue_length("emails") == 1
         assert broker.is_idle()  # "later" waits for a consumer: nothing is in progress
     assert [m.body for m in broker.messages("emails")] == [b"later"]
-
-
-async def test_a_consumer_whose_stream_was_closed_gets_nothing_more(
-    broker: MemoryBroker,
-) -> None:
-    async with consuming(broker, "emails") as consumer:
-        consumer.receive.close()
-        await broker.publish("cuebx", "emails", message())
-
-    assert await broker.queue_length("emails") == 1
 
 
 async def test_closing_a_subscription_requeues_its_unacked_deliveries(
@@ -427,7 +603,7 @@ async def test_ttl_expiry_dead_letters_back_to_the_main_queue_only_when_the_cloc
 
         await broker.clock.advance(4.999)
 
-        assert consumer.nothing_more()
+        assert await consumer.nothing_more()
         assert await broker.queue_length("emails.retry.5s") == 1
 
         await broker.clock.advance(0.001)
@@ -559,7 +735,7 @@ async def test_a_quorum_queue_dead_letters_past_its_delivery_limit(broker: Memor
             delivery = await consumer.next()
             counts.append(delivery.headers.get("x-delivery-count"))
             await delivery.reject(requeue=True)
-        assert consumer.nothing_more()
+        assert await consumer.nothing_more()
 
     assert counts == [None, 1, 2]
     assert await broker.queue_length("orders") == 0
