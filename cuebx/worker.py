@@ -296,7 +296,8 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
             logger.warning(
-                "task %s message %s attempt %d interrupted by shutdown: requeued",
+                "task %s message %s attempt %d interrupted (stopping, or the connection was "
+                "lost): requeued",
                 task.name,
                 context.message_id,
                 context.attempt,
