@@ -56,6 +56,13 @@ def project(tmp_path: Path, prefix: str, rabbitmq_url: str) -> dict[str, str]:
     }
 
 
+def _cuebx(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Run a ``cuebx`` command to its end, as a user would in a shell."""
+    return subprocess.run(
+        [*CUEBX, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
@@ -107,14 +114,7 @@ def test_cuebx_topology_prints_the_declarations_without_a_broker(
     project: dict[str, str], tmp_path: Path, prefix: str
 ) -> None:
     env = {**project, "CUEBX_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"}
-    result = subprocess.run(
-        [*CUEBX, "topology", "-A", "cliapp:app"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _cuebx("topology", "-A", "cliapp:app", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     for name in (
         f"{prefix}.cli",
@@ -143,14 +143,7 @@ def test_cuebx_topology_prints_the_declarations_without_a_broker(
 def test_a_bad_app_path_gives_one_clear_line_and_a_nonzero_exit(
     project: dict[str, str], tmp_path: Path, target: str, expected: str
 ) -> None:
-    result = subprocess.run(
-        [*CUEBX, "worker", "-A", target],
-        cwd=tmp_path,
-        env=project,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _cuebx("worker", "-A", target, cwd=tmp_path, env=project)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -161,14 +154,7 @@ def test_an_unreachable_broker_gives_one_line_with_the_url_and_no_password(
     project: dict[str, str], tmp_path: Path
 ) -> None:
     env = {**project, "CUEBX_BROKER_URL": "amqp://guest:s3cret@127.0.0.1:1/"}
-    result = subprocess.run(
-        [*CUEBX, "worker", "-A", "cliapp", "--log-level", "ERROR"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _cuebx("worker", "-A", "cliapp", "--log-level", "ERROR", cwd=tmp_path, env=env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -179,14 +165,7 @@ def test_an_unreachable_broker_gives_one_line_with_the_url_and_no_password(
 def test_an_unknown_queue_is_named_with_the_queues_that_exist(
     project: dict[str, str], tmp_path: Path, prefix: str
 ) -> None:
-    result = subprocess.run(
-        [*CUEBX, "worker", "-A", "cliapp", "-Q", "nope"],
-        cwd=tmp_path,
-        env=project,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = _cuebx("worker", "-A", "cliapp", "-Q", "nope", cwd=tmp_path, env=project)
     assert result.returncode != 0
     assert result.stderr.strip() == (
         f"Error: no task is registered on queue(s) 'nope'; queues with tasks: '{prefix}.cli'"
