@@ -88,7 +88,10 @@ class Worker:
         self._stopped = anyio.Event()
         # One cancel scope per running handler, to requeue them all on an immediate stop.
         self._running: set[anyio.CancelScope] = set()
-        self._finished = anyio.Event()  # set whenever the last running handler returns
+        # Set when the last running handler returns, and on an immediate stop.
+        self._wake = anyio.Event()
+        self._immediate = False
+        self._consumers_cancelled = False
         # While a redelivered message's copy is being swapped for it, no handler starts:
         # see `_redelivered`.
         self._swapping = 0
@@ -131,7 +134,8 @@ class Worker:
         """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
         self._stopping.set()
         if immediate:
-            self._cancel_running()
+            self._immediate = True
+            self._wake.set()
 
     async def stop(self) -> None:
         """Stop gracefully and wait until the worker has stopped."""
@@ -141,9 +145,9 @@ class Worker:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until a stop is requested; `task_status.started()` once consuming.
 
-        On stop: cancel the consumers at once, let running handlers finish for up to
-        `shutdown_timeout` seconds, requeue the rest, close the channels. Cancelling
-        `run` itself stops at once, requeueing running handlers.
+        On stop: cancel every consumer at once, let running handlers finish for up to
+        `shutdown_timeout` seconds (or not at all on an immediate stop), requeue the rest,
+        close the channels. Cancelling `run` itself is an immediate stop.
         """
         subscriptions: list[Subscription] = []
         try:
@@ -164,38 +168,58 @@ class Worker:
                 "stopping: no new messages; waiting up to %gs for running handlers",
                 self.shutdown_timeout,
             )
-            for subscription in subscriptions:
-                await subscription.cancel()
+            await self._cancel_consumers(subscriptions)
             with anyio.move_on_after(self.shutdown_timeout):
-                await self._all_finished()
+                await self._wait_for_handlers(until_immediate=True)
             if self._running:
-                logger.warning("shutdown timeout reached: requeueing unfinished messages")
+                logger.warning(
+                    "%s: requeueing %d unfinished messages",
+                    "stopping now" if self._immediate else "shutdown timeout reached",
+                    len(self._running),
+                )
         finally:
             with anyio.CancelScope(shield=True):
-                # Handlers still running now are requeued: each rejects its own delivery
-                # when cancelled, before its channel closes.
+                # Consumers first: a handler cancelled now requeues its message, which must
+                # not come straight back to a consumer that is still active.
+                self._stopping.set()
+                await self._cancel_consumers(subscriptions)
                 self._cancel_running()
-                with anyio.move_on_after(5):
-                    await self._all_finished()
+                # A cancelled handler returns at once, except one moving its message to a
+                # retry tier or the dead-letter queue: that finishes, within the publish
+                # timeout, before the channels close.
+                with anyio.move_on_after(self.app.settings.publish_timeout + 1):
+                    await self._wait_for_handlers(until_immediate=False)
                 for subscription in subscriptions:
                     await subscription.close()
                 self._stopped.set()
                 logger.info("worker stopped")
 
+    async def _cancel_consumers(self, subscriptions: list[Subscription]) -> None:
+        """Stop new deliveries on every queue at once (basic.cancel, concurrently)."""
+        if self._consumers_cancelled:
+            return
+        self._consumers_cancelled = True
+        async with anyio.create_task_group() as group:
+            for subscription in subscriptions:
+                group.start_soon(subscription.cancel)
+
     def _cancel_running(self) -> None:
         for scope in list(self._running):
             scope.cancel()
 
-    async def _all_finished(self) -> None:
-        while self._running:
-            self._finished = anyio.Event()
-            await self._finished.wait()
+    async def _wait_for_handlers(self, *, until_immediate: bool) -> None:
+        """Wait until no handler runs, or (`until_immediate`) an immediate stop is asked."""
+        while self._running and not (until_immediate and self._immediate):
+            self._wake = anyio.Event()
+            await self._wake.wait()
 
     async def _on_delivery(self, queue: _Queue, delivery: Delivery) -> None:
         """Handle one delivery, in the task the broker started for it."""
         if self._stopping.is_set():
-            # Delivered after the stop began, before basic.cancel took effect: give it back.
-            await delivery.reject(requeue=True)
+            # Delivered after the stop began, before basic.cancel took effect. Left
+            # unsettled, it goes back to its queue once, when the channel closes: a reject
+            # now would have the still active consumer get it again at once, and a quorum
+            # queue count every such bounce against its delivery limit.
             return
         scope = anyio.CancelScope()
         self._running.add(scope)
@@ -216,7 +240,7 @@ class Worker:
         finally:
             self._running.discard(scope)
             if not self._running:
-                self._finished.set()
+                self._wake.set()
 
     # -- one message ------------------------------------------------------------------------
 
@@ -296,8 +320,7 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
             logger.warning(
-                "task %s message %s attempt %d interrupted (stopping, or the connection was "
-                "lost): requeued",
+                "task %s message %s attempt %d interrupted by the worker stopping: requeued",
                 task.name,
                 context.message_id,
                 context.attempt,

@@ -10,10 +10,12 @@ translated into cuebx's at this boundary.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -122,33 +124,71 @@ class _AmqpDelivery:
 
 
 class _Subscription:
-    """One queue's consumer on its own channel; re-registered after a reconnection.
+    """One queue's consumer on its own robust channel.
 
-    aiormq runs the consumer callback in a task per message, so the handler runs right in
-    it; closing the channel (or losing the connection) cancels those tasks, and RabbitMQ
-    requeues their messages.
+    Each delivery's handler runs in an asyncio task of its own, in a copy of the context
+    of whoever called `consume` (not that of aiormq's reader, which after a reconnection
+    is whatever task connected), and outside aiormq's tasks: closing the channel or losing
+    the connection does not cancel a running handler. Its ack then fails, and RabbitMQ
+    redelivers the message. Whenever aio-pika reopens the channel (after a reconnection,
+    or after RabbitMQ closed just this channel), the consumer is registered again.
     """
 
     def __init__(
-        self, channel: AbstractRobustChannel, queue: str, handler: DeliveryHandler
+        self,
+        channel: AbstractRobustChannel,
+        queue: str,
+        handler: DeliveryHandler,
+        *,
+        cancel_timeout: float,
+        on_closed: Callable[[_Subscription], None],
     ) -> None:
         self.channel = channel
+        self._on_closed = on_closed
         self.queue = queue
         self.handler = handler
+        self.cancel_timeout = cancel_timeout
         self.consumer_tag: str | None = None
         self.active = True
+        self._context = contextvars.copy_context()
+        self._running: set[asyncio.Task[None]] = set()
+        channel.reopen_callbacks.add(self._on_reopen)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
-        await self.handler(_AmqpDelivery(message))
+        # A copy per task: tasks sharing one context would see each other's variables.
+        task = asyncio.get_running_loop().create_task(
+            self.handler(_AmqpDelivery(message)), context=self._context.copy()
+        )
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            logger.error(
+                "the handler of a delivery from %r failed; the message stays unacked until "
+                "the channel closes",
+                self.queue,
+                exc_info=error,
+            )
+
+    def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
+        if frame.consumer_tag == self.consumer_tag and self.active:
+            logger.error(
+                "RabbitMQ cancelled the consumer of queue %r (was the queue deleted?): no "
+                "more messages come from it until the worker restarts",
+                self.queue,
+            )
 
     async def start(self) -> None:
         underlay = await self.channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
         ok = await underlay.basic_consume(self.queue, self._on_message, no_ack=False)
         self.consumer_tag = ok.consumer_tag
 
-    async def resume(self) -> None:
+    async def _on_reopen(self, *_: Any) -> None:
         if self.active:
-            logger.info("reconnected: consuming %r again", self.queue)
+            logger.info("channel reopened: consuming %r again", self.queue)
             await self.start()
 
     async def cancel(self) -> None:
@@ -157,17 +197,20 @@ class _Subscription:
             return
         try:
             underlay = await self.channel.get_underlay_channel()
-            await underlay.basic_cancel(self.consumer_tag)
-        except _LOST_CHANNEL as exc:
+            await underlay.basic_cancel(self.consumer_tag, timeout=self.cancel_timeout)
+        except (TimeoutError, *_LOST_CHANNEL) as exc:
             logger.debug("basic.cancel on %r failed: %s", self.queue, exc)
 
     async def close(self) -> None:
         await self.cancel()
-        if not self.channel.is_closed:
-            try:
-                await self.channel.close()
-            except _LOST_CHANNEL as exc:
-                logger.debug("closing the channel of %r failed: %s", self.queue, exc)
+        self._on_closed(self)
+        self.channel.reopen_callbacks.discard(self._on_reopen)
+        try:
+            # Also when closed: a robust channel closed by a lost connection would
+            # otherwise be reopened once the connection is back.
+            await self.channel.close()
+        except _LOST_CHANNEL as exc:
+            logger.debug("closing the channel of %r failed: %s", self.queue, exc)
 
 
 class AmqpBroker:
@@ -199,7 +242,7 @@ class AmqpBroker:
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
-        self._subscriptions: list[_Subscription] = []
+        self._subscriptions: set[_Subscription] = set()
         self._lock = anyio.Lock()
 
     # -- connection -------------------------------------------------------------------------
@@ -220,16 +263,11 @@ class AmqpBroker:
                     f"cannot connect to RabbitMQ at {mask_url(self.url)}: "
                     f"{exc or type(exc).__name__}"
                 ) from exc
-            connection.reconnect_callbacks.add(self._on_reconnect)
             self._publisher = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             self._publisher_underlay = None
             self._connection = connection
-
-    async def _on_reconnect(self, *_: Any) -> None:
-        for subscription in self._subscriptions:
-            await subscription.resume()
 
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None:
@@ -241,7 +279,7 @@ class AmqpBroker:
     async def close(self) -> None:
         async with self._lock:
             connection, self._connection = self._connection, None
-            subscriptions, self._subscriptions = self._subscriptions, []
+            subscriptions, self._subscriptions = list(self._subscriptions), set()
             if connection is None:
                 return
             for subscription in subscriptions:
@@ -338,9 +376,17 @@ class AmqpBroker:
         """
         if self._publisher is None:
             self._require()
-        assert self._publisher is not None
+        publisher = self._publisher
+        assert publisher is not None
         with anyio.fail_after(self.publish_timeout):
-            underlay = await self._publisher.get_underlay_channel()
+            while True:
+                # aio-pika reports the connection ready before it has reopened its channels,
+                # and the channel may still be the closed one of the lost connection.
+                await publisher.ready()
+                underlay = await publisher.get_underlay_channel()
+                if not underlay.is_closed:
+                    break
+                await anyio.sleep(0.05)
         self._publisher_underlay = underlay
         return underlay
 
@@ -419,12 +465,18 @@ class AmqpBroker:
         channel = await connection.channel(publisher_confirms=False)
         # set_qos through aio-pika so that the robust channel restores it on reconnect.
         await channel.set_qos(prefetch_count=prefetch)
-        subscription = _Subscription(channel, queue, handler)
+        subscription = _Subscription(
+            channel,
+            queue,
+            handler,
+            cancel_timeout=self.connect_timeout,
+            on_closed=self._subscriptions.discard,
+        )
         try:
             await subscription.start()
         except aiormq.exceptions.ChannelNotFoundEntity:
             raise TopologyError(f"cannot consume queue {queue!r}: it does not exist") from None
-        self._subscriptions.append(subscription)
+        self._subscriptions.add(subscription)
         return subscription
 
 

@@ -10,7 +10,7 @@ Brokers are chosen by URL scheme and imported lazily, so ``memory://`` never loa
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
@@ -57,7 +57,7 @@ class Delivery(Protocol):
         """Reject: requeue it, or let the broker dead-letter (or drop) it."""
 
 
-DeliveryHandler: TypeAlias = Callable[[Delivery], Awaitable[None]]
+DeliveryHandler: TypeAlias = Callable[[Delivery], Coroutine[Any, Any, None]]
 """Called by a broker once per delivery, each call in its own task; it settles the delivery."""
 
 
@@ -114,11 +114,13 @@ class Broker(Protocol):
         """Start consuming `queue` with at most `prefetch` unsettled deliveries (0: no limit).
 
         The broker calls ``handler(delivery)`` for each delivery, each call in a task of its
-        own, so at most `prefetch` calls run at once. Nothing is buffered between the
-        broker and the handler. `handler` should settle the delivery and not raise: an
-        exception is logged and leaves the delivery unsettled until its consumer closes.
-        Closing the subscription (or losing the connection) may cancel running calls; their
-        unsettled deliveries go back to the queue. Returns once the consumer is registered.
+        own that starts in a copy of the caller's context variables, so at most `prefetch`
+        calls run at once. Nothing is buffered between the broker and the handler.
+        `handler` should settle the delivery and not raise: an exception is logged and
+        leaves the delivery unsettled until its consumer closes. Closing the subscription
+        (or losing the connection) does not cancel running calls: their unsettled
+        deliveries go back to the queue, and settling them later does nothing. Returns once
+        the consumer is registered.
         """
 
     async def queue_length(self, queue: str) -> int:

@@ -7,10 +7,10 @@ does), bounds unacked deliveries by prefetch, round-robins consumers, orders by
 ``x-max-priority``, expires by ``x-message-ttl`` and dead-letters through
 ``x-dead-letter-exchange`` / ``x-dead-letter-routing-key`` with an ``x-death`` header, counts
 quorum-queue redeliveries against ``x-delivery-limit``, refuses a redeclaration with other
-arguments, and when a channel closes cancels its running handlers and requeues whatever is
-unacked. So a retry ladder runs end to end in a unit test: advance the clock by 30 seconds
-and the message that waited in ``Q.retry.30s`` is back in ``Q``, delivered to the worker,
-with its ``x-death`` entry.
+arguments, and when a channel closes requeues whatever is unacked (its running handlers go
+on; settling their deliveries then does nothing). So a retry ladder runs end to end in a
+unit test: advance the clock by 30 seconds and the message that waited in ``Q.retry.30s`` is
+back in ``Q``, delivered to the worker, with its ``x-death`` entry.
 
 Time is a `Clock` that stands still until `Clock.advance` moves it (TTLs expire in time
 order as it passes them); ``MemoryBroker(url, real_time=True)`` makes it follow the
@@ -247,17 +247,18 @@ class _Queue:
 
 
 class _Consumer:
-    """One ``basic.consume``: its handler, the deliveries it has not settled, and the
-    handler calls running (by delivery tag), which closing its channel cancels."""
+    """One ``basic.consume``: its handler, the context its calls start in, and the
+    deliveries it has not settled."""
 
     def __init__(self, tag: str, queue: _Queue, prefetch: int, handler: DeliveryHandler) -> None:
         self.tag = tag
         self.queue = queue
         self.prefetch = prefetch
         self.handler = handler
+        # The context of whoever called consume(), as with the AMQP broker.
+        self.context = contextvars.copy_context()
         self.active = True
         self.unacked: dict[int, _MemoryDelivery] = {}
-        self.running: dict[int, anyio.CancelScope] = {}
 
     def has_room(self) -> bool:
         # prefetch 0 means no limit, as with basic.qos.
@@ -332,8 +333,9 @@ class _MemoryDelivery:
         Raises:
             BrokerError: the delivery was already acked or rejected.
         """
-        await checkpoint()
+        # Settled before the checkpoint: a cancel arriving there cannot undo the ack.
         self._broker._settle(self, "acked", requeue=False)
+        await checkpoint()
 
     async def reject(self, *, requeue: bool) -> None:
         """Requeue, or dead-letter per the queue's arguments (reason ``rejected``) or drop.
@@ -341,8 +343,8 @@ class _MemoryDelivery:
         Raises:
             BrokerError: the delivery was already acked or rejected.
         """
-        await checkpoint()
         self._broker._settle(self, "rejected", requeue=requeue)
+        await checkpoint()
 
 
 class _MemorySubscription:
@@ -362,8 +364,10 @@ class _MemorySubscription:
         self._broker._cancel(self._consumer)
 
     async def close(self) -> None:
-        """Cancel and close the consumer's channel: its running handlers are cancelled (this
-        does not wait for them to end) and its unacked deliveries are requeued."""
+        """Cancel and close the consumer's channel: its unacked deliveries are requeued.
+
+        Running handlers go on, as with RabbitMQ; settling their deliveries does nothing.
+        """
         await checkpoint()
         self._broker._close_consumer(self._consumer)
 
@@ -375,9 +379,9 @@ class _TaskHost:
     different tasks (a FastAPI lifespan, a pytest fixture), so a host task holds it. That
     task is the one asyncio-specific piece; the tasks inside it are plain anyio.
 
-    Its tasks start in the host task's context variables, not in those of whoever happened
-    to start them (a publisher whose message a consumer gets at once): so aiormq's tasks
-    start in its connection's context, not in a publisher's.
+    Its tasks start in a copy of the context given to `start_soon`, else in the host
+    task's: never in whoever happened to start them (a publisher whose message a consumer
+    gets at once).
     """
 
     def __init__(self) -> None:
@@ -407,11 +411,16 @@ class _TaskHost:
         with anyio.CancelScope(shield=True):
             await started.wait()
 
-    def start_soon(self, func: Callable[[*Ts], Coroutine[Any, Any, None]], *args: *Ts) -> None:
-        group, context = self._group, self._context
-        if group is None or context is None:
+    def start_soon(
+        self,
+        func: Callable[[*Ts], Coroutine[Any, Any, None]],
+        *args: *Ts,
+        context: contextvars.Context | None = None,
+    ) -> None:
+        group, own = self._group, self._context
+        if group is None or own is None:
             raise BrokerUnavailableError("the memory broker is closed")
-        context.run(lambda: group.start_soon(func, *args))
+        (context or own).run(lambda: group.start_soon(func, *args))
 
     async def stop(self) -> None:
         task, self._task, self._group, self._context = self._task, None, None, None
@@ -663,13 +672,13 @@ class MemoryBroker:
     ) -> _MemorySubscription:
         """Start consuming `queue`: ``handler(delivery)`` runs for each delivery, in a task.
 
-        Each call runs in a task of the broker's own, started in the broker's context
-        variables; at most `prefetch` deliveries are unsettled at once (0: no limit), so at
-        most that many calls run. A call that raises is logged on ``cuebx.memory`` and leaves
-        its delivery unsettled until the consumer's channel closes, as with aiormq. Closing
-        the subscription (or the broker) cancels the running calls and requeues their
-        unsettled deliveries. Ready messages are handed over when this returns; their calls
-        start at the next checkpoint.
+        Each call runs in a task of the broker's own, started in a copy of the caller's
+        context variables; at most `prefetch` deliveries are unsettled at once (0: no
+        limit), so at most that many calls run. A call that raises is logged on
+        ``cuebx.memory`` and leaves its delivery unsettled until the consumer's channel
+        closes, as with RabbitMQ. Closing the subscription requeues the unsettled deliveries
+        and lets running calls go on; closing the broker cancels them. Ready messages are
+        handed over when this returns; their calls start at the next checkpoint.
 
         Raises:
             TopologyError: the queue does not exist.
@@ -698,28 +707,23 @@ class MemoryBroker:
     def _deliver(self, consumer: _Consumer, entry: _Entry) -> None:
         delivery = _MemoryDelivery(self, consumer, entry, next(self._tags))
         consumer.unacked[delivery.delivery_tag] = delivery
-        self._host.start_soon(self._handle, consumer, delivery)
+        self._host.start_soon(self._handle, consumer, delivery, context=consumer.context)
 
     async def _handle(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
-        """Run the consumer's handler for one delivery, in a scope its channel cancels."""
+        """Run the consumer's handler for one delivery."""
         if delivery.outcome is not None:
             return  # the consumer's channel closed before this task started
-        tag = delivery.delivery_tag
-        with anyio.CancelScope() as scope:
-            consumer.running[tag] = scope
-            try:
-                await consumer.handler(delivery)
-            except Exception:
-                logger.exception(
-                    "the handler of consumer %s raised on delivery %s of message %s from "
-                    "queue %r; the delivery stays unacked until the consumer is closed",
-                    consumer.tag,
-                    tag,
-                    delivery.message_id,
-                    delivery.queue,
-                )
-            finally:
-                del consumer.running[tag]
+        try:
+            await consumer.handler(delivery)
+        except Exception:
+            logger.exception(
+                "the handler of consumer %s raised on delivery %s of message %s from "
+                "queue %r; the delivery stays unacked until the consumer is closed",
+                consumer.tag,
+                delivery.delivery_tag,
+                delivery.message_id,
+                delivery.queue,
+            )
 
     def _cancel(self, consumer: _Consumer) -> None:
         self._stop_consumer(consumer)
@@ -744,10 +748,8 @@ class MemoryBroker:
             self._consumers.remove(consumer)
 
     def _detach(self, consumer: _Consumer) -> None:
-        """Stop a consumer and cancel its running handler calls: its channel closes."""
+        """Stop a consumer: its channel closes."""
         self._stop_consumer(consumer)
-        for scope in consumer.running.values():
-            scope.cancel()
 
     def _return_unacked(self, consumer: _Consumer) -> None:
         """Requeue what a closed channel held, as RabbitMQ does: redelivered, in place."""

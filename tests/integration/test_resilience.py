@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import anyio
 import pytest
 
 from cuebx import BrokerUnavailableError, Cuebx, PublishError
+from cuebx.brokers.amqp import AmqpBroker
 from tests.conftest import AppFactory, Raw, wait_for
 from tests.integration import resilience_app
 from tests.proxy import running_proxy
@@ -287,3 +289,58 @@ async def test_delay_while_the_broker_is_away_fails_within_the_publish_timeout(
 
 async def _holds(amqp: Raw, queue: str, expected: int) -> bool:
     return await amqp.count(queue) == expected
+
+
+async def test_delay_during_a_reconnection_waits_for_it_and_succeeds(
+    make_rabbit_app: AppFactory, rabbitmq_url: str, prefix: str, amqp: Raw
+) -> None:
+    queue = f"{prefix}.q"
+    owner = make_rabbit_app()
+
+    @owner.task(queue=queue)
+    async def work(n: int) -> None: ...
+
+    await owner.connect()
+    target = urlsplit(rabbitmq_url)
+    async with running_proxy(target.hostname or "127.0.0.1", target.port or 5672) as proxy:
+        url = rabbitmq_url.replace(
+            f"{target.hostname}:{target.port or 5672}", f"127.0.0.1:{proxy.port}"
+        )
+        app = Cuebx(url, publish_timeout="10s", connection_name=f"{prefix}-reconnecting")
+        app.task(queue=queue, name="work")(work.fn)
+        try:
+            await app.tasks["work"].delay(0)
+            proxy.cut()
+            # The client noticed and is connecting again: publish into that window.
+            await wait_for(lambda: proxy.connections >= 2, what="a new connection")
+            for n in range(1, 21):
+                await app.tasks["work"].delay(n)
+        finally:
+            await app.close()
+    assert await amqp.count(queue) == 21
+
+
+async def test_a_consumer_channel_closed_by_the_broker_is_reopened_and_consumes_again(
+    make_rabbit_app: AppFactory, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_rabbit_app()
+    done: list[int] = []
+
+    @app.task(queue=f"{prefix}.reopened")
+    async def job(n: int) -> None:
+        done.append(n)
+
+    caplog.set_level(logging.INFO, logger="cuebx")
+    worker = await app.start_consumers()
+    await job.delay(1)
+    await wait_for(lambda: done == [1], what="the first message")
+    # What RabbitMQ does on a consumer_timeout or a double ack: close just that channel.
+    # Here an ack of a delivery tag it never sent makes it close the channel.
+    assert isinstance(app.broker, AmqpBroker)
+    [subscription] = app.broker._subscriptions
+    channel = await subscription.channel.get_underlay_channel()
+    await channel.basic_ack(999_999)
+    await wait_for(lambda: "channel reopened: consuming" in caplog.text, what="the reopen")
+    await job.delay(2)
+    await wait_for(lambda: done == [1, 2], what="a message after the channel came back")
+    await worker.stop()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
+
 import anyio
 import pytest
 
@@ -208,3 +211,87 @@ async def test_a_worker_with_no_queues_stops_at_once(make_app: AppFactory) -> No
     worker = await app.start_consumers()
     with anyio.fail_after(5):  # not the 30 s shutdown timeout
         await worker.stop()
+
+
+async def test_cancelling_a_kept_alive_worker_requeues_running_messages_once(
+    make_app: AppFactory, prefix: str, probe: Probe
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.kept"
+    started: list[int] = []
+
+    @app.task(queue=queue, prefetch=2)
+    async def slow(n: int) -> None:
+        started.append(n)
+        await anyio.sleep(60)
+
+    await app.tasks["slow"].map([(n,) for n in range(10)])
+    async with anyio.create_task_group() as group:
+        group.start_soon(functools.partial(app.start_consumers, keep_alive=True))
+        await wait_for(lambda: len(started) == 2, what="two handlers running")
+        group.cancel_scope.cancel()
+
+    assert await probe.count(queue) == 10  # each message once: no copy beside the original
+    assert len(started) == 2  # nothing new started while stopping
+
+
+async def test_a_graceful_stop_returns_late_deliveries_once_not_in_a_loop(
+    make_app: AppFactory, prefix: str, probe: Probe
+) -> None:
+    # Quorum queues count every return of a message against the delivery limit, so a
+    # worker bouncing late deliveries while it stops would dead-letter work that never ran.
+    app = make_app(queue_type="quorum", delivery_limit=3)
+    names = [f"{prefix}.q{i}" for i in range(8)]
+    handled: set[tuple[str, int]] = set()
+    returns: list[int] = []
+
+    async def work(ctx: TaskContext, n: int) -> None:
+        returns.append(int(ctx.headers.get("x-delivery-count", 0)))
+        await anyio.sleep(0.02)
+        handled.add((ctx.queue, n))
+
+    for name in names:
+        app.task(queue=name, name=f"work-{name}", prefetch=5)(work)
+    for name in names:
+        await app.tasks[f"work-{name}"].map([(n,) for n in range(30)])
+
+    first = await app.start_consumers()
+    await wait_for(lambda: len(handled) >= 40, what="some work done")
+    await first.stop()
+    second = await app.start_consumers()
+    await wait_for(lambda: len(handled) == 240, timeout=30, what="every message handled")
+    await second.stop()
+
+    assert max(returns) <= 1
+    for name in names:
+        assert await probe.count(f"{name}.dlq") == 0
+
+
+REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+async def test_handlers_start_in_the_worker_s_context_not_a_publisher_s(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app()
+    seen: list[str] = []
+
+    @app.task(queue=f"{prefix}.ctxvars", prefetch=1)
+    async def job(n: int) -> None:
+        seen.append(REQUEST.get())
+        REQUEST.set(f"set by handler {n}")  # in its own copy: the next one must not see it
+
+    token = REQUEST.set("worker")
+    try:
+        worker = await app.start_consumers()
+    finally:
+        REQUEST.reset(token)
+    token = REQUEST.set("web request")
+    try:
+        await job.delay(1)
+        await job.delay(2)
+    finally:
+        REQUEST.reset(token)
+    await wait_for(lambda: len(seen) == 2, what="both handled")
+    await worker.stop()
+    assert seen == ["worker", "worker"]

@@ -131,7 +131,8 @@ async def consuming(
 class Holding:
     """A handler that records each call and holds it until the test releases its message.
 
-    A released call acks its delivery; `running` and `most` count the calls in progress.
+    A released call acks its delivery; `running` and `most` count the calls holding an
+    unsettled delivery (a call that has acked may still be returning when the next starts).
     """
 
     def __init__(self) -> None:
@@ -151,15 +152,13 @@ class Holding:
         self.most = max(self.most, self.running)
         try:
             await self._release.setdefault(delivery.body, anyio.Event()).wait()
-            await delivery.ack()
-            self.acked.append(delivery.body)
         except anyio.get_cancelled_exc_class():
-            self.cancelled.append(delivery.body)
-            with anyio.CancelScope(shield=True):
-                await delivery.ack()  # its channel is gone: nothing happens
-            raise
-        finally:
             self.running -= 1
+            self.cancelled.append(delivery.body)
+            raise
+        self.running -= 1
+        await delivery.ack()
+        self.acked.append(delivery.body)
 
     def bodies(self) -> list[bytes]:
         return [delivery.body for delivery in self.started]
@@ -368,7 +367,7 @@ async def test_a_handler_that_raises_is_logged_and_leaves_its_delivery_unacked(
         await again.ack()
 
 
-async def test_closing_a_subscription_cancels_its_running_handlers(
+async def test_closing_a_subscription_requeues_and_lets_running_handlers_go_on(
     broker: MemoryBroker,
 ) -> None:
     await broker.publish("cuebx", "emails", message(b"slow"))
@@ -377,10 +376,11 @@ async def test_closing_a_subscription_cancels_its_running_handlers(
     await until(lambda: handler.running == 1)
 
     await subscription.close()
+    assert [m.body for m in broker.messages("emails")] == [b"slow"]  # back at once
 
-    await until(lambda: handler.running == 0)
-    assert handler.cancelled == [b"slow"]
-    assert handler.acked == []
+    handler.release(b"slow")
+    await until(lambda: handler.acked == [b"slow"])
+    assert handler.cancelled == []
     # The handler's ack after the close did nothing: the message is back, redelivered.
     assert [m.body for m in broker.messages("emails")] == [b"slow"]
     async with consuming(broker, "emails") as consumer:
@@ -433,24 +433,30 @@ async def test_cancel_lets_a_running_handler_finish_and_ack(broker: MemoryBroker
 REQUEST: ContextVar[str] = ContextVar("REQUEST", default="unset")
 
 
-async def test_handlers_start_in_the_broker_context_not_the_publisher_s(
+async def test_handlers_start_in_the_consumer_s_context_not_the_publisher_s(
     broker: MemoryBroker,
 ) -> None:
     seen: list[str] = []
 
     async def handler(delivery: Delivery) -> None:
         seen.append(REQUEST.get())
+        REQUEST.set("changed by a handler")  # its own copy: the next call does not see it
         await delivery.ack()
 
-    subscription = await broker.consume("emails", 1, handler)
+    token = REQUEST.set("consumer")
+    try:
+        subscription = await broker.consume("emails", 1, handler)
+    finally:
+        REQUEST.reset(token)
     token = REQUEST.set("publisher")
     try:
         await broker.publish("cuebx", "emails", message())  # delivered right away
+        await broker.publish("cuebx", "emails", message())
     finally:
         REQUEST.reset(token)
 
-    await until(lambda: bool(seen))
-    assert seen == ["unset"]
+    await until(lambda: len(seen) == 2)
+    assert seen == ["consumer", "consumer"]
     await subscription.close()
 
 
