@@ -169,7 +169,9 @@ class Cuebx:
         self._broker: Broker | None = None
         self._connected = False
         self._connect_lock = anyio.Lock()
-        self._workers: list[tuple[Worker, asyncio.Task[None]]] = []
+        # Workers started by start_consumers, with the task running each (None when the
+        # caller runs it, with keep_alive=True).
+        self._workers: list[tuple[Worker, asyncio.Task[None] | None]] = []
 
     def __repr__(self) -> str:
         return f"<Cuebx {mask_url(self.settings.url)} tasks={list(self.tasks)}>"
@@ -307,7 +309,8 @@ class Cuebx:
         workers, self._workers = self._workers, []
         for worker, runner in workers:
             await worker.stop()
-            await runner
+            if runner is not None:
+                await runner
         if self._broker is not None:
             await self._broker.close()
         self._connected = False
@@ -441,12 +444,19 @@ class Cuebx:
 
         Returns once every consumer is registered with the broker. With ``keep_alive=False``
         the consumers run in the background until `Worker.stop` or `close`; with
-        ``keep_alive=True`` this call runs them itself until it is cancelled.
+        ``keep_alive=True`` this call runs them itself until it is cancelled (an immediate
+        stop) or `close` stops them (a graceful one).
         """
         await self.connect()
         worker = self.worker(queues=queues, prefetch=prefetch)
         if keep_alive:
-            await worker.run()
+            entry: tuple[Worker, asyncio.Task[None] | None] = (worker, None)
+            self._workers.append(entry)
+            try:
+                await worker.run()
+            finally:
+                if entry in self._workers:
+                    self._workers.remove(entry)
             return worker
         ready = asyncio.Event()
 

@@ -295,3 +295,23 @@ async def test_handlers_start_in_the_worker_s_context_not_a_publisher_s(
     await wait_for(lambda: len(seen) == 2, what="both handled")
     await worker.stop()
     assert seen == ["worker", "worker"]
+
+
+async def test_closing_the_app_stops_a_kept_alive_worker_gracefully(
+    make_app: AppFactory, prefix: str, probe: Probe
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.kept-closed"
+    done: list[int] = []
+
+    @app.task(queue=queue)
+    async def job(n: int) -> None:
+        done.append(n)
+
+    with anyio.fail_after(10):  # the kept-alive call ends once close() stopped its worker
+        async with anyio.create_task_group() as group:
+            group.start_soon(functools.partial(app.start_consumers, keep_alive=True))
+            await job.delay(1)
+            await wait_for(lambda: done == [1], what="the task")
+            await app.close()
+    assert await probe.count(queue) == 0
