@@ -2,8 +2,9 @@
 
 Per queue, a channel with ``basic.qos(prefetch)`` delivers messages, and the broker runs
 the worker's handler for each one in a task of its own: at most `prefetch` handlers of one
-queue run at once, nothing is buffered beyond what RabbitMQ already delivered, and no
-message waits for a hand-over between tasks. A message is acked only after
+queue run at once (also across reconnections, see `_Slots`), nothing is buffered beyond what
+RabbitMQ already delivered, and no message waits for a hand-over between tasks. A message
+is acked only after
 its handler returned, or after its retry or dead-letter copy was confirmed; whatever is
 not acked when the worker stops or dies goes back to its queue.
 """
@@ -49,6 +50,38 @@ __all__ = ["Worker"]
 logger = logging.getLogger("cuebx.worker")
 
 
+class _Slots:
+    """The handlers of one queue that run now; a delivery beyond `size` waits for a slot.
+
+    RabbitMQ's prefetch bounds the unacked deliveries of one channel. After a reconnection
+    (or a reopened channel) the new channel has a fresh window while handlers of the lost
+    one may still be finishing: waiting here keeps prefetch the bound on running handlers.
+    """
+
+    __slots__ = ("_freed", "size", "used")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.used = 0
+        self._freed: anyio.Event | None = None
+
+    async def wait(self, stopping: anyio.Event) -> None:
+        """Return when a slot is free, or when the worker is stopping."""
+        while self.used >= self.size and not stopping.is_set():
+            if self._freed is None:
+                self._freed = anyio.Event()
+            await self._freed.wait()
+
+    def release(self) -> None:
+        self.used -= 1
+        self.wake()
+
+    def wake(self) -> None:
+        if self._freed is not None:
+            self._freed.set()
+            self._freed = None
+
+
 @dataclass(frozen=True, slots=True)
 class _Queue:
     """What the worker knows about one consumed queue."""
@@ -59,6 +92,7 @@ class _Queue:
     prefetch: int
     #: Count redeliveries ourselves: classic queues have no delivery limit of their own.
     redelivery_limit: int | None
+    slots: _Slots
 
     @property
     def name(self) -> str:
@@ -115,7 +149,7 @@ class Worker:
             size = prefetch or spec.prefetch or self.app.settings.prefetch
             quorum = spec.arguments.get("x-queue-type") == "quorum"
             limit = None if quorum else self.app.settings.delivery_limit
-            queues.append(_Queue(spec, tasks, default, size, limit))
+            queues.append(_Queue(spec, tasks, default, size, limit, _Slots(size)))
         return queues
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -133,6 +167,8 @@ class Worker:
     def request_stop(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
         self._stopping.set()
+        for queue in self.queues:
+            queue.slots.wake()  # deliveries waiting for a slot give up
         if immediate:
             self._immediate = True
             self._wake.set()
@@ -181,7 +217,7 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 # Consumers first: a handler cancelled now requeues its message, which must
                 # not come straight back to a consumer that is still active.
-                self._stopping.set()
+                self.request_stop()
                 await self._cancel_consumers(subscriptions)
                 self._cancel_running()
                 # A cancelled handler returns at once, except one moving its message to a
@@ -189,6 +225,11 @@ class Worker:
                 # timeout, before the channels close.
                 with anyio.move_on_after(self.app.settings.publish_timeout + 1):
                     await self._wait_for_handlers(until_immediate=False)
+                if self._running:
+                    logger.warning(
+                        "%d handler(s) ignored cancellation and still run; closing anyway",
+                        len(self._running),
+                    )
                 for subscription in subscriptions:
                     await subscription.close()
                 self._stopped.set()
@@ -221,6 +262,13 @@ class Worker:
             # now would have the still active consumer get it again at once, and a quorum
             # queue count every such bounce against its delivery limit.
             return
+        slots = queue.slots
+        if slots.used >= slots.size:
+            # Handlers of a channel lost to a reconnection are still finishing.
+            await slots.wait(self._stopping)
+            if self._stopping.is_set():
+                return  # not started: it goes back when the channel closes
+        slots.used += 1
         scope = anyio.CancelScope()
         self._running.add(scope)
         try:
@@ -238,6 +286,7 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
         finally:
+            slots.release()
             self._running.discard(scope)
             if not self._running:
                 self._wake.set()

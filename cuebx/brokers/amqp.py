@@ -152,7 +152,6 @@ class _Subscription:
         self.active = True
         self._context = contextvars.copy_context()
         self._running: set[asyncio.Task[None]] = set()
-        channel.reopen_callbacks.add(self._on_reopen)
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         # A copy per task: tasks sharing one context would see each other's variables.
@@ -176,7 +175,8 @@ class _Subscription:
         if frame.consumer_tag == self.consumer_tag and self.active:
             logger.error(
                 "RabbitMQ cancelled the consumer of queue %r (was the queue deleted?): no "
-                "more messages come from it until the worker restarts",
+                "more messages come from it until its channel is reopened or the worker "
+                "restarts",
                 self.queue,
             )
 
@@ -186,10 +186,26 @@ class _Subscription:
         ok = await underlay.basic_consume(self.queue, self._on_message, no_ack=False)
         self.consumer_tag = ok.consumer_tag
 
+    async def begin(self) -> None:
+        """Consume for the first time; from then on, again whenever the channel reopens."""
+        await self.start()
+        self.channel.reopen_callbacks.add(self._on_reopen)
+
     async def _on_reopen(self, *_: Any) -> None:
-        if self.active:
-            logger.info("channel reopened: consuming %r again", self.queue)
+        if not self.active:
+            return
+        try:
             await self.start()
+        except Exception as exc:
+            # aio-pika would swallow this: say it, the queue is not consumed any more.
+            logger.error(
+                "channel reopened but consuming %r again failed: %s; no more messages come "
+                "from it until the worker restarts",
+                self.queue,
+                _reply_text(exc),
+            )
+            return
+        logger.info("channel reopened: consuming %r again", self.queue)
 
     async def cancel(self) -> None:
         self.active = False
@@ -200,6 +216,18 @@ class _Subscription:
             await underlay.basic_cancel(self.consumer_tag, timeout=self.cancel_timeout)
         except (TimeoutError, *_LOST_CHANNEL) as exc:
             logger.debug("basic.cancel on %r failed: %s", self.queue, exc)
+
+    def abandon(self) -> None:
+        """Cancel the handlers still running: the broker is closing under them."""
+        if self._running:
+            logger.warning(
+                "closing with %d handler(s) of %r still running: cancelling them; their "
+                "messages were requeued with the channel",
+                len(self._running),
+                self.queue,
+            )
+        for task in list(self._running):
+            task.cancel()
 
     async def close(self) -> None:
         await self.cancel()
@@ -284,6 +312,7 @@ class AmqpBroker:
                 return
             for subscription in subscriptions:
                 await subscription.close()
+                subscription.abandon()
             await connection.close()
 
     # -- topology ---------------------------------------------------------------------------
@@ -374,8 +403,7 @@ class AmqpBroker:
         Publishing uses that channel directly while it is open; after a reconnection the
         robust channel has a new one, fetched here.
         """
-        if self._publisher is None:
-            self._require()
+        self._require()  # closed: say so now, not after the publish timeout
         publisher = self._publisher
         assert publisher is not None
         with anyio.fail_after(self.publish_timeout):
@@ -473,9 +501,15 @@ class AmqpBroker:
             on_closed=self._subscriptions.discard,
         )
         try:
-            await subscription.start()
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            raise TopologyError(f"cannot consume queue {queue!r}: it does not exist") from None
+            await subscription.begin()
+        except BaseException as exc:
+            # Close the channel, or aio-pika would reopen it after a reconnection.
+            subscription.active = False
+            with anyio.CancelScope(shield=True):
+                await subscription.close()
+            if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
+                raise TopologyError(f"cannot consume queue {queue!r}: it does not exist") from None
+            raise
         self._subscriptions.add(subscription)
         return subscription
 

@@ -80,7 +80,11 @@ class Broker(Protocol):
         """Open the connection (idempotent)."""
 
     async def close(self) -> None:
-        """Close everything; unacked deliveries go back to their queues."""
+        """Close everything; unacked deliveries go back to their queues.
+
+        Handler calls still running are cancelled: a worker closing its app has already
+        waited for them, so what is left ignored that.
+        """
 
     async def declare(self, topology: Topology) -> None:
         """Declare the exchange, queues and bindings.

@@ -420,7 +420,7 @@ class _TaskHost:
         group, own = self._group, self._context
         if group is None or own is None:
             raise BrokerUnavailableError("the memory broker is closed")
-        (context or own).run(lambda: group.start_soon(func, *args))
+        (context if context is not None else own).run(lambda: group.start_soon(func, *args))
 
     async def stop(self) -> None:
         task, self._task, self._group, self._context = self._task, None, None, None

@@ -15,11 +15,12 @@ from urllib.parse import urlsplit
 import anyio
 import pytest
 
-from cuebx import BrokerUnavailableError, Cuebx, PublishError
+from cuebx import BrokerUnavailableError, Cuebx, PublishError, TopologyError
 from cuebx.brokers.amqp import AmqpBroker
+from cuebx.brokers.base import Delivery
 from tests.conftest import AppFactory, Raw, wait_for
 from tests.integration import resilience_app
-from tests.proxy import running_proxy
+from tests.proxy import Proxy, running_proxy
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
 
@@ -344,3 +345,104 @@ async def test_a_consumer_channel_closed_by_the_broker_is_reopened_and_consumes_
     await job.delay(2)
     await wait_for(lambda: done == [1, 2], what="a message after the channel came back")
     await worker.stop()
+
+
+def _proxied(rabbitmq_url: str, proxy: Proxy) -> str:
+    target = urlsplit(rabbitmq_url)
+    return rabbitmq_url.replace(
+        f"{target.hostname}:{target.port or 5672}", f"127.0.0.1:{proxy.port}"
+    )
+
+
+async def _reconnected(app: Cuebx) -> anyio.Event:
+    """An event set once the app's connection has come back with all its channels."""
+    assert isinstance(app.broker, AmqpBroker)
+    connection = app.broker._connection
+    assert connection is not None
+    done = anyio.Event()
+    connection.reconnect_callbacks.add(lambda *_: done.set())
+    return done
+
+
+async def test_prefetch_bounds_running_handlers_across_a_reconnection(
+    make_rabbit_app: AppFactory, rabbitmq_url: str, prefix: str, amqp: Raw
+) -> None:
+    # Quorum: the redelivery goes straight to a handler (no classic redelivery count).
+    owner = make_rabbit_app(queue_type="quorum")
+    queue = f"{prefix}.bounded"
+    running: list[int] = []
+    most = 0
+    release = anyio.Event()
+
+    async def slow(n: int) -> None:
+        nonlocal most
+        running.append(n)
+        most = max(most, len(running))
+        try:
+            await release.wait()
+        finally:
+            running.remove(n)
+
+    owner.task(queue=queue, name="slow", prefetch=1)(slow)
+    await owner.connect()
+    async with running_proxy(*_host_port(rabbitmq_url)) as proxy:
+        app = Cuebx(
+            _proxied(rabbitmq_url, proxy),
+            queue_type="quorum",
+            connection_name=f"{prefix}-bounded",
+        )
+        app.task(queue=queue, name="slow", prefetch=1)(slow)
+        try:
+            worker = await app.start_consumers()
+            await app.tasks["slow"].delay(1)
+            await wait_for(lambda: running == [1], what="the first handler")
+            back = await _reconnected(app)
+            proxy.cut()  # RabbitMQ requeues message 1; the handler runs on
+            with anyio.fail_after(10):
+                await back.wait()
+            # Redelivered to the new channel, which has a fresh prefetch window of 1: its
+            # handler must wait for the one still running (without the bound, it would run).
+            [consumed] = worker.queues
+            await wait_for(
+                lambda: consumed.slots._freed is not None or len(running) > 1,
+                what="the redelivery waiting for a slot",
+            )
+            release.set()
+            await worker.stop()
+        finally:
+            await app.close()
+    assert most == 1
+
+
+async def test_a_consume_that_failed_leaves_no_consumer_behind_after_a_reconnection(
+    make_rabbit_app: AppFactory, rabbitmq_url: str, prefix: str, amqp: Raw
+) -> None:
+    queue = f"{prefix}.late"
+    async with running_proxy(*_host_port(rabbitmq_url)) as proxy:
+        app = Cuebx(_proxied(rabbitmq_url, proxy), connection_name=f"{prefix}-ghost")
+        try:
+            await app.broker.connect()
+
+            async def handler(delivery: Delivery) -> None: ...
+
+            with pytest.raises(TopologyError, match="does not exist"):
+                await app.broker.consume(queue, 1, handler)
+            owner = make_rabbit_app()
+            owner.task(queue=queue, name="late")(_noop)
+            await owner.connect()  # the queue exists now
+            back = await _reconnected(app)
+            proxy.cut()
+            with anyio.fail_after(10):
+                await back.wait()  # every channel of the connection was restored
+            declared = await amqp.channel.declare_queue(queue, passive=True)
+            assert declared.declaration_result.consumer_count == 0
+        finally:
+            await app.close()
+
+
+async def _noop() -> None: ...
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    target = urlsplit(url)
+    return target.hostname or "127.0.0.1", target.port or 5672
