@@ -7,6 +7,7 @@ import subprocess
 import anyio
 import pytest
 
+from cuebx import PublishError
 from tests.conftest import AppFactory, Raw
 
 pytestmark = [pytest.mark.anyio, pytest.mark.rabbitmq]
@@ -55,3 +56,19 @@ async def test_many_concurrent_delays_share_one_connection_and_are_all_confirmed
         timeout=60,
     ).stdout
     assert listed.count(name) == 1
+
+
+async def test_publishing_on_a_closed_broker_fails_at_once_and_says_why(
+    make_rabbit_app: AppFactory, prefix: str
+) -> None:
+    app = make_rabbit_app(publish_timeout="30s")
+
+    @app.task(queue=f"{prefix}.closed")
+    async def job() -> None: ...
+
+    await job.delay()
+    broker = app.broker
+    await app.close()
+    message = app._message(job, (), {})
+    with anyio.fail_after(2), pytest.raises(PublishError, match="not connected"):
+        await broker.publish(app.settings.exchange, job.queue, message)
