@@ -186,11 +186,8 @@ async def test_a_cut_connection_is_restored_and_the_worker_resumes_with_nothing_
     workers: Workers, producer: Cuebx, rabbitmq_url: str, prefix: str
 ) -> None:
     handles = await producer.tasks["ledger"].map([(n, 0.005) for n in range(300)])
-    target = urlsplit(rabbitmq_url)
-    async with running_proxy(target.hostname or "127.0.0.1", target.port or 5672) as proxy:
-        url = rabbitmq_url.replace(
-            f"{target.hostname}:{target.port or 5672}", f"127.0.0.1:{proxy.port}"
-        )
+    async with running_proxy(*_host_port(rabbitmq_url)) as proxy:
+        url = _proxied(rabbitmq_url, proxy)
         process = workers.start("--prefetch", "10", name="p", CUEBX_BROKER_URL=url)
         await wait_for(lambda: len(workers.done_ids()) >= 50, timeout=30, what="50 done")
         proxy.cut()
@@ -267,11 +264,8 @@ async def test_delay_while_the_broker_is_away_fails_within_the_publish_timeout(
     async def work() -> None: ...
 
     await owner.connect()
-    target = urlsplit(rabbitmq_url)
-    async with running_proxy(target.hostname or "127.0.0.1", target.port or 5672) as proxy:
-        url = rabbitmq_url.replace(
-            f"{target.hostname}:{target.port or 5672}", f"127.0.0.1:{proxy.port}"
-        )
+    async with running_proxy(*_host_port(rabbitmq_url)) as proxy:
+        url = _proxied(rabbitmq_url, proxy)
         app = Cuebx(url, publish_timeout="1s", connection_name=f"{prefix}-away")
         app.task(queue=queue, name="work")(work.fn)
         try:
@@ -302,11 +296,8 @@ async def test_delay_during_a_reconnection_waits_for_it_and_succeeds(
     async def work(n: int) -> None: ...
 
     await owner.connect()
-    target = urlsplit(rabbitmq_url)
-    async with running_proxy(target.hostname or "127.0.0.1", target.port or 5672) as proxy:
-        url = rabbitmq_url.replace(
-            f"{target.hostname}:{target.port or 5672}", f"127.0.0.1:{proxy.port}"
-        )
+    async with running_proxy(*_host_port(rabbitmq_url)) as proxy:
+        url = _proxied(rabbitmq_url, proxy)
         app = Cuebx(url, publish_timeout="10s", connection_name=f"{prefix}-reconnecting")
         app.task(queue=queue, name="work")(work.fn)
         try:
