@@ -296,7 +296,14 @@ class Cuebx:
             if self._connected:
                 return
             await self.broker.connect()
-            await self.broker.declare(self.topology())
+            try:
+                await self.broker.declare(self.topology())
+            except BaseException:
+                # Leave nothing open behind a failed connect: `async with app` does not
+                # reach its exit, and an open connection would outlive the error.
+                with anyio.CancelScope(shield=True):
+                    await self.broker.close()
+                raise
             self._connected = True
 
     async def declare(self) -> None:

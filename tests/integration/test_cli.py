@@ -170,3 +170,21 @@ def test_an_unknown_queue_is_named_with_the_queues_that_exist(
     assert result.stderr.strip() == (
         f"Error: no task is registered on queue(s) 'nope'; queues with tasks: '{prefix}.cli'"
     )
+
+
+@pytest.mark.anyio
+async def test_a_topology_clash_gives_one_line_naming_the_queue(
+    make_rabbit_app: AppFactory, project: dict[str, str], tmp_path: Path, prefix: str
+) -> None:
+    owner = make_rabbit_app(queue_type="quorum")
+    owner.task(queue=f"{prefix}.cli", retries=["5s", "1m"], name="record")(_record)
+    await owner.connect()
+    result = _cuebx("worker", "-A", "cliapp", "--log-level", "ERROR", cwd=tmp_path, env=project)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"queue '{prefix}.cli" in lines[0]
+    assert "x-queue-type" in lines[0]
+
+
+async def _record(n: int, pause: float = 0.0) -> None: ...
