@@ -105,7 +105,11 @@ def worker(
         )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
-        seconds = None if shutdown_timeout is None else to_seconds(shutdown_timeout)
+        seconds = (
+            None
+            if shutdown_timeout is None
+            else to_seconds(shutdown_timeout, what="--shutdown-timeout")
+        )
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
     except (LookupError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
 
 import msgspec
 
-from cuebx.context import TaskContext
+from cuebx.context import TaskContext, _current
 from cuebx.durations import Duration, to_seconds
 from cuebx.errors import ArgumentsError, ConfigurationError
 from cuebx.message import SERIALIZERS, Codec, codec_for, new_message_id
@@ -267,14 +267,20 @@ class Task(Generic[P, R]):
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run the handler in place, as the plain function (no broker, no validation).
 
-        An async handler returns its coroutine, to be awaited. A handler that takes a
-        `TaskContext` gets a local one: a new message id, attempt 0, no headers.
+        An async handler returns its coroutine, to be awaited. The handler runs with a local
+        `TaskContext` (a new message id, attempt 0, no headers): as its first argument if
+        it takes one, and from `current_context()` either way.
         """
-        if self.takes_context:
-            local: R = self.fn(self.local_context(), *args, **kwargs)
-            return local
-        result: R = self.fn(*args, **kwargs)
-        return result
+        context = self.local_context()
+        positional: tuple[Any, ...] = (context, *args) if self.takes_context else args
+        if self.is_async:
+            return typing.cast(R, _with_context(context, self.fn(*positional, **kwargs)))
+        token = _current.set(context)
+        try:
+            result: R = self.fn(*positional, **kwargs)
+            return result
+        finally:
+            _current.reset(token)
 
     def local_context(self) -> TaskContext:
         """A `TaskContext` for running this task outside a worker: attempt 0, a new id."""
@@ -408,3 +414,12 @@ def _merge_positional(
             raise TypeError(f"got multiple values for argument {key!r}")
         merged[key] = value
     return merged
+
+
+async def _with_context(context: TaskContext, coroutine: Awaitable[Any]) -> Any:
+    """Await a handler's coroutine with `current_context()` returning `context`."""
+    token = _current.set(context)
+    try:
+        return await coroutine
+    finally:
+        _current.reset(token)

@@ -46,6 +46,7 @@ __all__ = [
     "drain",
     "messages",
     "running",
+    "settle",
     "take",
     "use_memory_broker",
 ]
@@ -91,20 +92,46 @@ async def drain(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         RuntimeError: no consumers run for `app` (start them with `running`).
         TimeoutError: still busy after `timeout` seconds of real time.
     """
-    workers = [worker for worker, _ in app._workers]
-    if not workers:
-        raise RuntimeError(
-            "drain() needs running consumers: use `async with cuebx.testing.running(app)`"
-        )
+    workers = _running_workers(app, "drain")
     broker = app.broker
     with anyio.fail_after(timeout):
         if isinstance(broker, MemoryBroker):
-            await _drain_memory(broker, workers)
+            await _drain_memory(broker, workers, follow_ttls=True)
         else:
             await _drain_waiting(broker, workers, _busy_queues(app))
 
 
-async def _drain_memory(broker: MemoryBroker, workers: list[Worker]) -> None:
+async def settle(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    """Wait until the workers have handled every ready message, without moving time.
+
+    Unlike `drain`, messages waiting out a retry tier's TTL stay there: on ``memory://``
+    the clock does not move, so a test can look at the tier, then `Clock.advance` it.
+    On RabbitMQ it waits until the main queues are empty and no handler runs.
+
+    Raises:
+        RuntimeError: no consumers run for `app` (start them with `running`).
+        TimeoutError: still busy after `timeout` seconds of real time.
+    """
+    workers = _running_workers(app, "settle")
+    broker = app.broker
+    with anyio.fail_after(timeout):
+        if isinstance(broker, MemoryBroker):
+            await _drain_memory(broker, workers, follow_ttls=False)
+        else:
+            mains = [q.name for q in app.topology().main_queues]
+            await _drain_waiting(broker, workers, mains)
+
+
+def _running_workers(app: Cuebx, caller: str) -> list[Worker]:
+    workers = [worker for worker, _ in app._workers]
+    if not workers:
+        raise RuntimeError(
+            f"{caller}() needs running consumers: use `async with cuebx.testing.running(app)`"
+        )
+    return workers
+
+
+async def _drain_memory(broker: MemoryBroker, workers: list[Worker], *, follow_ttls: bool) -> None:
     idle_checks = 0
     while True:
         await anyio.lowlevel.checkpoint()
@@ -116,7 +143,7 @@ async def _drain_memory(broker: MemoryBroker, workers: list[Worker]) -> None:
         if idle_checks < 3:
             continue
         due = broker.next_expiry()
-        if due is None:
+        if due is None or not follow_ttls:
             return
         await broker.clock.advance(max(0.0, due - broker.clock.now()))
         idle_checks = 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -360,11 +359,13 @@ class Worker:
         token = _current.set(context)
         try:
             timeout = task.options.timeout
-            with anyio.fail_after(timeout) if timeout is not None else nullcontext():
-                if task.is_async:
-                    await task.invoke(context, arguments)
-                else:
-                    await self._run_in_thread(task, context, arguments)
+            if timeout is None:
+                await self._call(task, context, arguments)
+            else:
+                with anyio.move_on_after(timeout) as limit:
+                    await self._call(task, context, arguments)
+                if limit.cancelled_caught:
+                    raise TimeoutError(f"task {task.name!r} ran over its timeout of {timeout:g}s")
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
@@ -382,6 +383,14 @@ class Worker:
             await delivery.ack()
         finally:
             _current.reset(token)
+
+    async def _call(
+        self, task: Task[Any, Any], context: TaskContext, arguments: msgspec.Struct
+    ) -> None:
+        if task.is_async:
+            await task.invoke(context, arguments)
+        else:
+            await self._run_in_thread(task, context, arguments)
 
     async def _run_in_thread(
         self, task: Task[Any, Any], context: TaskContext, arguments: msgspec.Struct

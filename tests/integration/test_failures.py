@@ -267,6 +267,7 @@ async def test_a_timeout_cancels_an_async_handler_and_counts_as_a_failure(
     assert time.monotonic() - started < 3
     assert finished == []
     assert dead.headers["x-cuebx-error-type"] == "builtins.TimeoutError"
+    assert dead.headers["x-cuebx-error"] == "task 'too_slow' ran over its timeout of 0.2s"
     assert dead.headers["x-retry-attempt"] == 1
 
 

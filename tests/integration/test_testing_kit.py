@@ -9,7 +9,7 @@ import pytest
 
 from cuebx import Cuebx, Reject, TaskContext, Worker
 from cuebx.brokers.memory import MemoryBroker
-from cuebx.testing import dead_letters, drain, messages, running
+from cuebx.testing import dead_letters, drain, messages, running, settle
 from tests.conftest import AppFactory
 
 pytestmark = pytest.mark.anyio
@@ -94,3 +94,30 @@ async def test_dead_letters_of_a_queue_without_one_is_a_clear_error(
 
     with pytest.raises(LookupError, match="no dead-letter queue"):
         await dead_letters(app, f"{prefix}.q")
+
+
+async def test_settle_runs_what_is_ready_and_leaves_the_clock_to_the_test(
+    cuebx_memory: Callable[[Cuebx], MemoryBroker],
+    cuebx_worker: Callable[..., Awaitable[Worker]],
+) -> None:
+    app = Cuebx("amqp://guest:guest@127.0.0.1:1/")  # never contacted: the test uses memory
+    attempts: list[int] = []
+
+    @app.task(queue="signups", retries=["30s"])
+    async def send_welcome(ctx: TaskContext, email: str) -> None:
+        attempts.append(ctx.attempt)
+        raise ConnectionError("smtp down")
+
+    broker = cuebx_memory(app)
+    await cuebx_worker(app)
+    await send_welcome.delay("ann@example.com")
+    await settle(app)  # the first attempt failed; its copy waits in the tier
+    assert attempts == [0]
+    assert len(broker.messages("signups.retry.30s")) == 1
+    await broker.clock.advance(29)
+    assert len(broker.messages("signups.retry.30s")) == 1
+    await broker.clock.advance(1)
+    await settle(app)
+    assert attempts == [0, 1]
+    [dead] = await dead_letters(app, "signups")
+    assert dead.reason == "exhausted"

@@ -7,7 +7,14 @@ from datetime import datetime
 import msgspec
 import pytest
 
-from cuebx import ArgumentsError, ConfigurationError, Cuebx, DuplicateTaskError, TaskContext
+from cuebx import (
+    ArgumentsError,
+    ConfigurationError,
+    Cuebx,
+    DuplicateTaskError,
+    TaskContext,
+    current_context,
+)
 from cuebx.message import Codec, codec_for
 
 JSON = codec_for("json")
@@ -110,6 +117,21 @@ def test_calling_a_task_that_takes_a_context_gives_it_a_local_one(app: Cuebx) ->
     first, second = refund(1), refund(1)
     assert len(first) == 32
     assert first != second
+
+
+def test_a_direct_call_sets_current_context_for_sync_and_async_handlers(app: Cuebx) -> None:
+    @app.task(queue="thumbnails")
+    def thumbnail(image_id: int) -> tuple[str, int]:
+        return current_context().task_name, image_id
+
+    @app.task(queue="thumbnails")
+    async def athumbnail(image_id: int) -> tuple[str, int]:
+        return current_context().task_name, image_id
+
+    assert thumbnail(3) == ("thumbnail", 3)
+    assert asyncio.run(athumbnail(4)) == ("athumbnail", 4)
+    with pytest.raises(LookupError):
+        current_context()  # only inside the call
 
 
 def test_the_task_keeps_the_function_docstring(app: Cuebx) -> None:
