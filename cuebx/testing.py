@@ -92,13 +92,7 @@ async def drain(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
         RuntimeError: no consumers run for `app` (start them with `running`).
         TimeoutError: still busy after `timeout` seconds of real time.
     """
-    workers = _running_workers(app, "drain")
-    broker = app.broker
-    with anyio.fail_after(timeout):
-        if isinstance(broker, MemoryBroker):
-            await _drain_memory(broker, workers, follow_ttls=True)
-        else:
-            await _drain_waiting(broker, workers, _busy_queues(app))
+    await _quiet(app, "drain", timeout, follow_ttls=True)
 
 
 async def settle(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
@@ -112,23 +106,25 @@ async def settle(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC10
         RuntimeError: no consumers run for `app` (start them with `running`).
         TimeoutError: still busy after `timeout` seconds of real time.
     """
-    workers = _running_workers(app, "settle")
-    broker = app.broker
-    with anyio.fail_after(timeout):
-        if isinstance(broker, MemoryBroker):
-            await _drain_memory(broker, workers, follow_ttls=False)
-        else:
-            mains = [q.name for q in app.topology().main_queues]
-            await _drain_waiting(broker, workers, mains)
+    await _quiet(app, "settle", timeout, follow_ttls=False)
 
 
-def _running_workers(app: Cuebx, caller: str) -> list[Worker]:
+async def _quiet(app: Cuebx, caller: str, seconds: float, *, follow_ttls: bool) -> None:
+    """Wait until the workers are idle with nothing ready; `follow_ttls`: retry tiers too."""
     workers = [worker for worker, _ in app._workers]
     if not workers:
         raise RuntimeError(
             f"{caller}() needs running consumers: use `async with cuebx.testing.running(app)`"
         )
-    return workers
+    broker = app.broker
+    with anyio.fail_after(seconds):
+        if isinstance(broker, MemoryBroker):
+            await _drain_memory(broker, workers, follow_ttls=follow_ttls)
+        else:
+            topology = app.topology()
+            queues = topology.queues if follow_ttls else topology.main_queues
+            names = [q.name for q in queues if q.role != "dead-letter"]
+            await _drain_waiting(broker, workers, names)
 
 
 async def _drain_memory(broker: MemoryBroker, workers: list[Worker], *, follow_ttls: bool) -> None:
@@ -155,10 +151,6 @@ async def _drain_waiting(broker: Broker, workers: list[Worker], queues: list[str
         lengths = [await broker.queue_length(q) for q in queues]
         quiet = quiet + 1 if not any(lengths) and all(w.idle for w in workers) else 0
         await anyio.sleep(0.02)
-
-
-def _busy_queues(app: Cuebx) -> list[str]:
-    return [q.name for q in app.topology().queues if q.role != "dead-letter"]
 
 
 async def messages(app: Cuebx, queue: str, *, limit: int = 1000) -> list[OutgoingMessage]:

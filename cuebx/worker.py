@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -312,27 +312,10 @@ class Worker:
             ref = _Ref(name, message_id, attempt)
             await self._dead_letter(queue, delivery, ref, "unknown-task", why)
             return
-        limit = self.app.settings.max_message_size
-        if len(delivery.body) > limit:
-            why = f"body of {len(delivery.body)} bytes is over the limit of {limit} bytes"
+        arguments = self._arguments(task, delivery)
+        if isinstance(arguments, _Poison):
             ref = _Ref(task.name, message_id, attempt)
-            await self._dead_letter(queue, delivery, ref, "too-large", why)
-            return
-        codec = codec_for_content_type(delivery.content_type)
-        if codec is None:
-            why = f"unknown content type {delivery.content_type!r}"
-            ref = _Ref(task.name, message_id, attempt)
-            await self._dead_letter(queue, delivery, ref, "undecodable", why)
-            return
-        try:
-            arguments = task.decode(codec, delivery.body)
-        except msgspec.ValidationError as exc:
-            ref = _Ref(task.name, message_id, attempt)
-            await self._dead_letter(queue, delivery, ref, "invalid-arguments", exc)
-            return
-        except msgspec.DecodeError as exc:
-            ref = _Ref(task.name, message_id, attempt)
-            await self._dead_letter(queue, delivery, ref, "undecodable", exc)
+            await self._dead_letter(queue, delivery, ref, arguments.reason, arguments.error)
             return
         context = TaskContext(
             message_id=message_id,
@@ -345,6 +328,22 @@ class Worker:
             redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
         )
         await self._run(queue, task, context, arguments, delivery)
+
+    def _arguments(self, task: Task[Any, Any], delivery: Delivery) -> msgspec.Struct | _Poison:
+        """Decode and validate the body into the task's arguments, or say why it cannot be."""
+        limit = self.app.settings.max_message_size
+        if len(delivery.body) > limit:
+            why = f"body of {len(delivery.body)} bytes is over the limit of {limit} bytes"
+            return _Poison("too-large", why)
+        codec = codec_for_content_type(delivery.content_type)
+        if codec is None:
+            return _Poison("undecodable", f"unknown content type {delivery.content_type!r}")
+        try:
+            return task.decode(codec, delivery.body)
+        except msgspec.ValidationError as exc:
+            return _Poison("invalid-arguments", exc)
+        except msgspec.DecodeError as exc:
+            return _Poison("undecodable", exc)
 
     async def _run(
         self,
@@ -374,7 +373,7 @@ class Worker:
                 task.name,
                 context.message_id,
                 context.attempt,
-                extra=_extra(context),
+                extra=_Ref.of(context).extra,
             )
             raise
         except Exception as exc:
@@ -396,7 +395,8 @@ class Worker:
         self, task: Task[Any, Any], context: TaskContext, arguments: msgspec.Struct
     ) -> None:
         args, kwargs = task.call_args(context, arguments)
-        call = functools.partial(_with_context, context, task.fn, args, kwargs)
+        # anyio runs it in a copy of this task's context: current_context() works there.
+        call = functools.partial(task.fn, *args, **kwargs)
         try:
             await anyio.to_thread.run_sync(call, limiter=self._threads, abandon_on_cancel=True)
         except anyio.get_cancelled_exc_class():
@@ -405,7 +405,7 @@ class Worker:
                 "killed; it runs on until it returns)",
                 task.name,
                 context.message_id,
-                extra=_extra(context),
+                extra=_Ref.of(context).extra,
             )
             raise
 
@@ -462,7 +462,7 @@ class Worker:
                 task.name,
                 error.every,
                 error.times,
-                extra=_extra(context),
+                extra=_Ref.of(context).extra,
             )
         decision: Decision = task.retry_policy.on_failure(context.attempt, error)
         if isinstance(decision, RetryThrough):
@@ -474,7 +474,7 @@ class Worker:
                 type(error).__name__,
                 error,
                 decision.queue,
-                extra=_extra(context),
+                extra=_Ref.of(context).extra,
             )
             copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
             await self._forward(delivery, decision.queue, copy, _Ref.of(context))
@@ -489,7 +489,7 @@ class Worker:
             type(error).__name__,
             error,
             exc_info=error,
-            extra=_extra(context),
+            extra=_Ref.of(context).extra,
         )
         await self._dead_letter(queue, delivery, _Ref.of(context), decision.reason, error)
 
@@ -550,19 +550,6 @@ class Worker:
             await delivery.ack()
 
 
-def _with_context(
-    context: TaskContext,
-    fn: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> Any:
-    token = _current.set(context)
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        _current.reset(token)
-
-
 def _attempt(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
@@ -584,6 +571,14 @@ def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
 
 
 @dataclass(frozen=True, slots=True)
+class _Poison:
+    """Why a message cannot be handled at all: it goes to the dead-letter queue as is."""
+
+    reason: DeadLetterReason
+    error: BaseException | str
+
+
+@dataclass(frozen=True, slots=True)
 class _Ref:
     """The message a log record is about: every such record carries these as extras."""
 
@@ -598,7 +593,3 @@ class _Ref:
     @property
     def extra(self) -> dict[str, Any]:
         return {"task": self.task, "message_id": self.message_id, "attempt": self.attempt}
-
-
-def _extra(context: TaskContext) -> dict[str, Any]:
-    return _Ref.of(context).extra

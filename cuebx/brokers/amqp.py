@@ -294,7 +294,6 @@ class AmqpBroker:
             self._publisher = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
-            self._publisher_underlay = None
             self._connection = connection
 
     def _require(self) -> AbstractRobustConnection:
@@ -504,7 +503,6 @@ class AmqpBroker:
             await subscription.begin()
         except BaseException as exc:
             # Close the channel, or aio-pika would reopen it after a reconnection.
-            subscription.active = False
             with anyio.CancelScope(shield=True):
                 await subscription.close()
             if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
