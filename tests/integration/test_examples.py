@@ -40,16 +40,22 @@ def examples_on_path(rabbitmq_url: str) -> Iterator[None]:
         sys.path.remove(str(EXAMPLES))
 
 
-def test_quickstart_runs_a_producer_and_a_worker_and_retries_the_flaky_task(
-    examples_on_path: None,
-) -> None:
-    result = subprocess.run(
+def _quickstart(env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run examples/quickstart.py as its docs say, to its end."""
+    return subprocess.run(
         [sys.executable, "quickstart.py"],
         cwd=EXAMPLES,
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
+
+
+def test_quickstart_runs_a_producer_and_a_worker_and_retries_the_flaky_task(
+    examples_on_path: None,
+) -> None:
+    result = _quickstart()
     import quickstart
 
     _delete_topology(quickstart.app)
@@ -63,14 +69,7 @@ def test_quickstart_without_a_broker_runs_in_process_and_says_so_first(
     examples_on_path: None,
 ) -> None:
     env = {**os.environ, "CUEBX_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"}
-    result = subprocess.run(
-        [sys.executable, "quickstart.py"],
-        cwd=EXAMPLES,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
+    result = _quickstart(env)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "running entirely in process on memory://" in lines[0]
