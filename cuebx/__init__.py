@@ -1,9 +1,10 @@
 """cuebx: typed, async background tasks native to RabbitMQ."""
 
-from cuebx.app import BatchPublishError, Cuebx, Settings
+from cuebx.app import Cuebx
 from cuebx.context import TaskContext, current_context
 from cuebx.errors import (
     ArgumentsError,
+    BatchPublishError,
     BrokerError,
     BrokerUnavailableError,
     ConfigurationError,
@@ -18,6 +19,8 @@ from cuebx.errors import (
     TopologyError,
     UnroutableError,
 )
+from cuebx.middleware import Middleware, Outcome, Publish, Received, Skip
+from cuebx.settings import Settings
 from cuebx.task import Task, TaskHandle
 from cuebx.worker import Worker
 
@@ -32,11 +35,16 @@ __all__ = [
     "Cuebx",
     "CuebxError",
     "DuplicateTaskError",
+    "Middleware",
+    "Outcome",
+    "Publish",
     "PublishError",
     "PublishTimeoutError",
+    "Received",
     "Reject",
     "Retry",
     "Settings",
+    "Skip",
     "Task",
     "TaskContext",
     "TaskHandle",

@@ -1,12 +1,12 @@
-"""`Cuebx`: the application object: settings, the task registry, and the lifecycle."""
+"""`Cuebx`: the application object: settings, the task registry, and the lifecycle.
+
+Publishing lives in `cuebx.publisher`, consuming in `cuebx.worker`, cross-cutting features
+in middleware (`cuebx.middleware`); the app wires them to one broker and one topology.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, overload
 
@@ -14,65 +14,20 @@ import anyio
 
 from cuebx.brokers.base import Broker, broker_for_url, mask_url
 from cuebx.context import TaskContext
-from cuebx.durations import Duration, to_seconds
-from cuebx.errors import ArgumentsError, ConfigurationError, DuplicateTaskError, PublishError
-from cuebx.message import (
-    HEADER_ATTEMPT,
-    HEADER_TASK,
-    Codec,
-    OutgoingMessage,
-    codec_for,
-    new_message_id,
-)
+from cuebx.durations import Duration
+from cuebx.errors import ConfigurationError, DuplicateTaskError
+from cuebx.middleware import Middleware, Stack
 from cuebx.policy import RetrySpec
-from cuebx.task import TASK_OPTIONS, Task, TaskHandle, TaskOptions
+from cuebx.publisher import Publisher
+from cuebx.settings import Settings, check_seconds
+from cuebx.task import TASK_OPTIONS, Task, TaskOptions
 from cuebx.topology import QueueType, Topology, plan
 from cuebx.worker import Worker
 
-__all__ = ["BatchPublishError", "Cuebx", "Settings"]
+__all__ = ["Cuebx"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
-URL_ENV = "CUEBX_BROKER_URL"
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """The app's settings, resolved once: argument, then environment, then default."""
-
-    url: str
-    exchange: str
-    queue_type: QueueType
-    serializer: str
-    delivery_limit: int | None
-    max_priority: int | None
-    prefetch: int
-    max_message_size: int
-    publish_timeout: float
-    connect_timeout: float
-    shutdown_timeout: float
-    thread_limit: int
-    connection_name: str | None
-
-
-class BatchPublishError(PublishError):
-    """Some messages of a batch were not confirmed.
-
-    Attributes:
-        handles: one entry per item, in order: the handle when confirmed, else None.
-        errors: ``{index: error}`` for every item that was not confirmed.
-    """
-
-    def __init__(self, handles: list[TaskHandle | None], errors: dict[int, BaseException]):
-        self.handles = handles
-        self.errors = errors
-        first = next(iter(errors.items()))
-        super().__init__(
-            f"{len(errors)} of {len(handles)} messages were not confirmed "
-            f"(item {first[0]}: {first[1]})"
-        )
 
 
 class TaskDecorator:
@@ -112,6 +67,13 @@ class Cuebx:
         shutdown_timeout: how long a stopping worker lets running handlers finish.
         thread_limit: worker threads for sync handlers.
         connection_name: shown by ``rabbitmqctl list_connections``.
+        middleware: plug-ins that hook into publishing and handling (see
+            `cuebx.Middleware`); more can be added with `add_middleware`.
+        broker: a broker object to use instead of the one `url` names (a test's own
+            `MemoryBroker`, say); see also `use_broker`.
+
+    Raises:
+        ConfigurationError: an option is invalid; the message names it.
     """
 
     def __init__(
@@ -130,29 +92,11 @@ class Cuebx:
         shutdown_timeout: Duration = "30s",
         thread_limit: int = 40,
         connection_name: str | None = None,
+        middleware: Iterable[Middleware] = (),
+        broker: Broker | None = None,
     ) -> None:
-        if queue_type not in ("classic", "quorum"):
-            raise ConfigurationError(
-                f"queue_type must be 'classic' or 'quorum', got {queue_type!r}"
-            )
-        if max_priority is not None and not 1 <= max_priority <= 255:
-            raise ConfigurationError(f"max_priority must be 1..255, got {max_priority!r}")
-        if prefetch < 1:
-            raise ConfigurationError(f"prefetch must be >= 1, got {prefetch!r}")
-        try:
-            self.codec: Codec = codec_for(serializer)
-            timeouts = {
-                name: to_seconds(value, what=name)
-                for name, value in (
-                    ("publish_timeout", publish_timeout),
-                    ("connect_timeout", connect_timeout),
-                    ("shutdown_timeout", shutdown_timeout),
-                )
-            }
-        except ValueError as exc:
-            raise ConfigurationError(str(exc)) from None
-        self.settings = Settings(
-            url=url or os.environ.get(URL_ENV) or DEFAULT_URL,
+        self.settings = Settings.build(
+            url,
             exchange=exchange,
             queue_type=queue_type,
             serializer=serializer,
@@ -160,18 +104,20 @@ class Cuebx:
             max_priority=max_priority,
             prefetch=prefetch,
             max_message_size=max_message_size,
+            publish_timeout=publish_timeout,
+            connect_timeout=connect_timeout,
+            shutdown_timeout=shutdown_timeout,
             thread_limit=thread_limit,
             connection_name=connection_name,
-            **timeouts,
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
+        self.middleware = Stack(middleware)
+        self.publisher = Publisher(self, self.settings, self.middleware)
         self._topology: Topology | None = None
-        self._broker: Broker | None = None
+        self._broker: Broker | None = broker
         self._connected = False
         self._connect_lock = anyio.Lock()
-        # Workers started by start_consumers, with the task running each (None when the
-        # caller runs it, with keep_alive=True).
-        self._workers: list[tuple[Worker, asyncio.Task[None] | None]] = []
+        self._workers: list[Worker] = []
 
     def __repr__(self) -> str:
         return f"<Cuebx {mask_url(self.settings.url)} tasks={list(self.tasks)}>"
@@ -244,7 +190,9 @@ class Cuebx:
                 f"task {task_name!r}: unknown option(s) {', '.join(unknown)}; "
                 f"options are: name, {', '.join(sorted(TASK_OPTIONS))}"
             )
-        task: Task[Any, Any] = Task(self, fn, TaskOptions.build(name=task_name, **options))
+        task: Task[Any, Any] = Task(
+            self.publisher, fn, TaskOptions.build(name=task_name, **options)
+        )
         # Check the topology with this task before keeping it, so a clash names this task.
         self._plan([*self.tasks.values(), task])
         self.tasks[task_name] = task
@@ -267,6 +215,14 @@ class Cuebx:
             self._topology = self._plan(self.tasks.values())
         return self._topology
 
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Add a plug-in; its ``before_*`` hooks run after those added before it.
+
+        Add middleware before workers start: a running worker sees it from its next
+        message on, but its ``on_worker_start`` hook never ran.
+        """
+        self.middleware.add(middleware)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     @property
@@ -282,6 +238,33 @@ class Cuebx:
             )
         return self._broker
 
+    def use_broker(self, broker: Broker) -> Broker:
+        """Talk to `broker` from now on (a test's in-memory broker, say); return the old one.
+
+        The app counts as not connected afterwards: its next publish or `connect` connects
+        `broker` and declares the topology there. The previous broker is left as it is
+        (close it yourself if you opened it).
+
+        Raises:
+            RuntimeError: consumers started by `start_consumers` are running.
+        """
+        if self._workers:
+            raise RuntimeError("stop the app's consumers before it changes brokers")
+        previous = self.broker
+        self._broker = broker
+        self._connected = False
+        return previous
+
+    @property
+    def connected(self) -> bool:
+        """True once `connect` declared the topology on the current broker."""
+        return self._connected
+
+    @property
+    def workers(self) -> tuple[Worker, ...]:
+        """The workers `start_consumers` started that have not been stopped by `close`."""
+        return tuple(self._workers)
+
     async def connect(self) -> None:
         """Connect and declare the whole topology (idempotent).
 
@@ -295,14 +278,15 @@ class Cuebx:
         async with self._connect_lock:
             if self._connected:
                 return
-            await self.broker.connect()
+            broker = self.broker
+            await broker.connect()
             try:
-                await self.broker.declare(self.topology())
+                await broker.declare(self.topology())
             except BaseException:
                 # Leave nothing open behind a failed connect: `async with app` does not
                 # reach its exit, and an open connection would outlive the error.
                 with anyio.CancelScope(shield=True):
-                    await self.broker.close()
+                    await broker.close()
                 raise
             self._connected = True
 
@@ -314,10 +298,8 @@ class Cuebx:
     async def close(self) -> None:
         """Stop consumers started by `start_consumers`, then close the connection."""
         workers, self._workers = self._workers, []
-        for worker, runner in workers:
+        for worker in workers:
             await worker.stop()
-            if runner is not None:
-                await runner
         if self._broker is not None:
             await self._broker.close()
         self._connected = False
@@ -334,95 +316,6 @@ class Cuebx:
     ) -> None:
         await self.close()
 
-    # -- publishing -------------------------------------------------------------------------
-
-    def _message(
-        self,
-        task: Task[Any, Any],
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        *,
-        priority: int | None = None,
-        headers: Mapping[str, Any] | None = None,
-        correlation_id: str | None = None,
-        message_id: str | None = None,
-    ) -> OutgoingMessage:
-        body = task.encode(self.codec, args, kwargs)
-        if len(body) > self.settings.max_message_size:
-            raise ArgumentsError(
-                f"task {task.name!r}: the encoded arguments are {len(body)} bytes, over "
-                f"max_message_size ({self.settings.max_message_size} bytes), so a worker "
-                "would dead-letter the message as too-large; pass a reference (a URL, a key) "
-                "instead of the data, or raise max_message_size on every app of the queue"
-            )
-        message_id = message_id or new_message_id()
-        all_headers: dict[str, Any] = dict(headers) if headers else {}
-        all_headers[HEADER_TASK] = task.name
-        all_headers[HEADER_ATTEMPT] = 0
-        return OutgoingMessage(
-            body=body,
-            message_id=message_id,
-            correlation_id=correlation_id or message_id,
-            content_type=self.codec.content_type,
-            headers=all_headers,
-            timestamp=datetime.now(UTC),
-            priority=task.options.priority if priority is None else priority,
-        )
-
-    async def publish(
-        self,
-        task: Task[Any, Any],
-        args: tuple[Any, ...],
-        kwargs: Mapping[str, Any],
-        **properties: Any,
-    ) -> TaskHandle:
-        """Publish one message for `task` and wait for its confirm (used by `Task.delay`)."""
-        message = self._message(task, args, kwargs, **properties)
-        if not self._connected:
-            await self.connect()
-        await self.broker.publish(self.settings.exchange, task.queue, message)
-        return TaskHandle(message.message_id, task.name, task.queue, message.correlation_id)
-
-    async def publish_many(
-        self,
-        task: Task[Any, Any],
-        arguments: Iterable[Sequence[Any] | Mapping[str, Any]],
-        *,
-        window: int = 256,
-    ) -> list[TaskHandle]:
-        """Publish one message per item, keeping up to `window` confirms in flight.
-
-        Every item is encoded and validated before anything is published.
-
-        Raises:
-            ArgumentsError: an item's arguments do not fit (nothing was published).
-            BatchPublishError: some messages were not confirmed; it lists which.
-        """
-        messages = []
-        for index, item in enumerate(arguments):
-            try:
-                if isinstance(item, Mapping):
-                    messages.append(self._message(task, (), item))
-                else:
-                    messages.append(self._message(task, tuple(item), {}))
-            except ArgumentsError as exc:
-                raise ArgumentsError(f"item {index}: {exc}") from None
-        if not self._connected:
-            await self.connect()
-        results = await self.broker.publish_many(
-            self.settings.exchange, [(task.queue, m) for m in messages], window=window
-        )
-        handles: list[TaskHandle | None] = [
-            TaskHandle(m.message_id, task.name, task.queue, m.correlation_id)
-            if error is None
-            else None
-            for m, error in zip(messages, results, strict=True)
-        ]
-        errors = {i: e for i, e in enumerate(results) if e is not None}
-        if errors:
-            raise BatchPublishError(handles, errors)
-        return [h for h in handles if h is not None]
-
     # -- consuming --------------------------------------------------------------------------
 
     def worker(
@@ -432,13 +325,26 @@ class Cuebx:
         prefetch: int | None = None,
         shutdown_timeout: Duration | None = None,
     ) -> Worker:
-        """Build a worker for some or all queues (run it with `Worker.run`)."""
-        seconds = (
-            self.settings.shutdown_timeout
-            if shutdown_timeout is None
-            else to_seconds(shutdown_timeout, what="shutdown_timeout")
+        """Build a worker for some or all queues (run it with `Worker.run` or `start`).
+
+        Raises:
+            LookupError: a queue has no task.
+            ConfigurationError: `prefetch` or `shutdown_timeout` is invalid.
+        """
+        return Worker(
+            self.broker,
+            self.settings,
+            self.topology(),
+            self.tasks,
+            stack=self.middleware,
+            queues=queues,
+            prefetch=prefetch,
+            shutdown_timeout=(
+                None
+                if shutdown_timeout is None
+                else check_seconds(shutdown_timeout, "worker", "shutdown_timeout")
+            ),
         )
-        return Worker(self, queues=queues, prefetch=prefetch, shutdown_timeout=seconds)
 
     async def start_consumers(
         self,
@@ -456,39 +362,16 @@ class Cuebx:
         """
         await self.connect()
         worker = self.worker(queues=queues, prefetch=prefetch)
-        if keep_alive:
-            entry: tuple[Worker, asyncio.Task[None] | None] = (worker, None)
-            self._workers.append(entry)
-            try:
+        self._workers.append(worker)
+        try:
+            if keep_alive:
                 await worker.run()
-            finally:
-                if entry in self._workers:
-                    self._workers.remove(entry)
-            return worker
-        ready = asyncio.Event()
-
-        async def run() -> None:
-            await worker.run(task_status=_Started(ready))
-
-        # The one background task cuebx starts: its owner is the app, which awaits it in
-        # close(); Worker.stop() ends it.
-        runner = asyncio.get_running_loop().create_task(run(), name="cuebx-worker")
-        self._workers.append((worker, runner))
-        waiter = asyncio.ensure_future(ready.wait())
-        done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
-        if runner in done:
-            waiter.cancel()
-            self._workers.remove((worker, runner))
-            runner.result()  # raises what stopped it
-            raise RuntimeError("cuebx worker stopped before its consumers were registered")
+            else:
+                await worker.start()
+                return worker
+        except BaseException:
+            self._workers.remove(worker)
+            raise
+        if worker in self._workers:
+            self._workers.remove(worker)
         return worker
-
-
-class _Started:
-    """A task_status that sets an asyncio event, for starting a worker outside a group."""
-
-    def __init__(self, event: asyncio.Event) -> None:
-        self._event = event
-
-    def started(self, value: None = None) -> None:
-        self._event.set()

@@ -12,7 +12,8 @@ The tree::
         ├── BrokerUnavailableError  cannot connect, or the connection is gone too long
         └── PublishError            a publish was not confirmed
             ├── UnroutableError     returned by the broker (mandatory flag): no queue bound
-            └── PublishTimeoutError no confirm within the publish timeout
+            ├── PublishTimeoutError no confirm within the publish timeout
+            └── BatchPublishError   some messages of a `Task.map` batch were not confirmed
 
     TaskSignal                      raised by a handler, never by cuebx itself
     ├── Retry                       retry this message through the next retry tier
@@ -24,12 +25,13 @@ around its own calls to cuebx cannot swallow a `Retry` or `Reject` by mistake.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
 __all__ = [
     "ArgumentsError",
+    "BatchPublishError",
     "BrokerError",
     "BrokerUnavailableError",
     "ConfigurationError",
@@ -102,6 +104,24 @@ class UnroutableError(PublishError):
 
 class PublishTimeoutError(PublishError, TimeoutError):
     """No publisher confirm arrived within the publish timeout."""
+
+
+class BatchPublishError(PublishError):
+    """Some messages of a batch were not confirmed.
+
+    Attributes:
+        handles: one entry per item, in order: the handle when confirmed, else None.
+        errors: ``{index: error}`` for every item that was not confirmed.
+    """
+
+    def __init__(self, handles: Sequence[Any], errors: Mapping[int, BaseException]) -> None:
+        self.handles = list(handles)
+        self.errors = dict(errors)
+        index, first = next(iter(self.errors.items()))
+        super().__init__(
+            f"{len(self.errors)} of {len(self.handles)} messages were not confirmed "
+            f"(item {index}: {first})"
+        )
 
 
 class TaskSignal(Exception):

@@ -35,6 +35,7 @@ __all__ = [
     "Serializer",
     "codec_for",
     "dead_letter_copy",
+    "is_model_type",
     "new_message_id",
     "retry_copy",
 ]
@@ -101,24 +102,59 @@ class OutgoingMessage:
     priority: int | None = None
 
 
+def is_model_type(type_: Any) -> bool:
+    """Tell whether `type_` is a pydantic (v2) model class, which msgspec does not know.
+
+    Checked by duck typing, so cuebx does not import pydantic: a model validates itself
+    from plain data (``model_validate``) and dumps itself to it (``model_dump``).
+    """
+    return isinstance(type_, type) and all(
+        callable(getattr(type_, name, None)) for name in ("model_validate", "model_dump")
+    )
+
+
+def _encode_other(value: Any) -> Any:
+    """msgspec's ``enc_hook``: a pydantic model becomes its JSON-compatible dump."""
+    if is_model_type(type(value)):
+        return value.model_dump(mode="json")
+    raise TypeError(f"Encoding objects of type {type(value).__qualname__} is unsupported")
+
+
+def _decode_other(type_: type[Any], value: Any) -> Any:
+    """msgspec's ``dec_hook``: plain data becomes a pydantic model, validated by pydantic.
+
+    Pydantic's ValidationError is a ValueError, which msgspec reports as a
+    `msgspec.ValidationError` naming the field.
+    """
+    if is_model_type(type_):
+        return type_.model_validate(value)
+    raise TypeError(f"Decoding objects of type {type_.__qualname__} is unsupported")
+
+
 @dataclass(frozen=True, slots=True)
 class Codec:
-    """One serializer: its content type and a way to build typed decoders."""
+    """One serializer: its content type and a way to build typed decoders.
+
+    Besides what msgspec supports natively, both serializers encode and validate pydantic
+    models (a FastAPI app's request bodies, passed on to a task as they are).
+    """
 
     name: Serializer
     content_type: str
     encoder: msgspec.json.Encoder | msgspec.msgpack.Encoder
 
-    def decoder(self, type_: type[Any]) -> msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]:
+    def decoder(self, type_: Any) -> msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]:
         """Build a decoder that validates into `type_` (built once per task, then reused)."""
         if self.name == "json":
-            return msgspec.json.Decoder(type_)
-        return msgspec.msgpack.Decoder(type_)
+            return msgspec.json.Decoder(type_, dec_hook=_decode_other)
+        return msgspec.msgpack.Decoder(type_, dec_hook=_decode_other)
 
 
 _CODECS: dict[str, Codec] = {
-    "json": Codec("json", CONTENT_TYPES["json"], msgspec.json.Encoder()),
-    "msgpack": Codec("msgpack", CONTENT_TYPES["msgpack"], msgspec.msgpack.Encoder()),
+    "json": Codec("json", CONTENT_TYPES["json"], msgspec.json.Encoder(enc_hook=_encode_other)),
+    "msgpack": Codec(
+        "msgpack", CONTENT_TYPES["msgpack"], msgspec.msgpack.Encoder(enc_hook=_encode_other)
+    ),
 }
 _BY_CONTENT_TYPE = {c.content_type: c for c in _CODECS.values()}
 # Spellings other publishers use for MessagePack.

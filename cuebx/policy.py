@@ -1,24 +1,42 @@
-"""Pure decisions: what the worker does with a message whose handler did not succeed.
+"""Pure decisions: what the worker does with a message, before and after its handler.
 
-The worker asks `RetryPolicy.on_failure` and carries out the answer; nothing here does I/O.
+Before: `admit` sorts a delivery into one to run (`Run`), one to count as a classic queue's
+redelivery (`CountRedelivery`), or poison to dead-letter at once (`DeadLetter`). After a
+failure: `RetryPolicy.on_failure` answers `RetryThrough` or `DeadLetter`. The worker asks and
+carries out the answer; nothing here does I/O.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, Generic, Protocol, TypeVar
+
+import msgspec
 
 from cuebx.durations import to_ms
 from cuebx.errors import ConfigurationError, Reject, Retry
-from cuebx.message import DeadLetterReason
+from cuebx.message import (
+    HEADER_REDELIVERIES,
+    HEADER_TASK,
+    Codec,
+    DeadLetterReason,
+    codec_for_content_type,
+)
 
 __all__ = [
+    "Admission",
+    "CountRedelivery",
     "DeadLetter",
     "Decision",
+    "Decodes",
     "RetryPolicy",
     "RetryThrough",
     "RetrySpec",
+    "Run",
+    "admit",
+    "header_count",
     "retry_delays",
 ]
 
@@ -27,20 +45,127 @@ RetrySpec = Retry | Sequence[str | int | float | timedelta] | None
 
 @dataclass(frozen=True, slots=True)
 class RetryThrough:
-    """Publish a copy to the retry tier `queue` with ``x-retry-attempt = attempt``, then ack."""
+    """Publish a copy to the retry tier `queue` with ``x-retry-attempt = attempt``, then ack.
+
+    `delay_ms` is the tier's TTL: when the next attempt is due.
+    """
 
     queue: str
     attempt: int
+    delay_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """Publish a stamped copy to the dead-letter queue (or drop it if there is none), then ack."""
+    """Publish a stamped copy to the dead-letter queue (or drop it if there is none), then ack.
+
+    Attributes:
+        reason: the ``x-cuebx-reason`` it is stamped with.
+        detail: why, when the decision knows better than the handler's error (poison input).
+    """
 
     reason: DeadLetterReason
+    detail: BaseException | str = ""
 
 
 Decision = RetryThrough | DeadLetter
+
+T = TypeVar("T", bound="Decodes")
+
+
+class Decodes(Protocol):
+    """A task, as far as admitting its messages goes."""
+
+    @property
+    def name(self) -> str: ...
+    def decode(self, codec: Codec, body: bytes) -> msgspec.Struct: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Run(Generic[T]):
+    """Run `task`'s handler with the decoded, validated `arguments`."""
+
+    task: T
+    arguments: msgspec.Struct
+
+
+@dataclass(frozen=True, slots=True)
+class CountRedelivery:
+    """Move the message to the back of its queue with ``x-cuebx-redeliveries = count``."""
+
+    count: int
+
+
+Admission = Run[T] | CountRedelivery | DeadLetter
+
+
+def header_count(value: Any) -> int:
+    """Read a count header (an attempt, a redelivery count): a non-negative int, else 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return 0
+
+
+def admit(
+    *,
+    queue: str,
+    headers: Mapping[str, Any],
+    body: bytes,
+    content_type: str | None,
+    redelivered: bool,
+    tasks: Mapping[str, T],
+    max_size: int,
+    redelivery_limit: int | None = None,
+) -> Admission[T]:
+    """Decide what to do with a delivery before any handler sees it.
+
+    Args:
+        queue: the queue it came from (named in the reasons).
+        headers: its headers; ``x-cuebx-task`` names the task.
+        body: its body, to be decoded into the task's arguments.
+        content_type: its content type (none means JSON).
+        redelivered: RabbitMQ's flag: an earlier delivery ended without a settle.
+        tasks: the queue's tasks by name; a message without ``x-cuebx-task`` on a queue with
+            exactly one task is that task's (plain publishers keep working).
+        max_size: bodies larger than this are ``too-large``.
+        redelivery_limit: on a classic queue, the deliveries after which a message that
+            keeps ending unsettled (it kills workers) is dead-lettered; None when the broker
+            counts (quorum queues) or there is no limit.
+    """
+    if redelivered and redelivery_limit is not None:
+        count = header_count(headers.get(HEADER_REDELIVERIES)) + 1
+        if count >= redelivery_limit:
+            why = f"delivered {count} times without finishing (the limit is {redelivery_limit})"
+            return DeadLetter("delivery-limit", why)
+        return CountRedelivery(count)
+    name = headers.get(HEADER_TASK)
+    if name is None:
+        task = next(iter(tasks.values())) if len(tasks) == 1 else None
+    else:
+        task = tasks.get(name) if isinstance(name, str) else None
+    if task is None:
+        known = ", ".join(map(repr, tasks))
+        why = (
+            f"no task named {name!r} on queue {queue!r} (tasks: {known})"
+            if name is not None
+            else f"no {HEADER_TASK} header and queue {queue!r} has tasks {known}"
+        )
+        return DeadLetter("unknown-task", why)
+    if len(body) > max_size:
+        return DeadLetter(
+            "too-large", f"body of {len(body)} bytes is over the limit of {max_size} bytes"
+        )
+    codec = codec_for_content_type(content_type)
+    if codec is None:
+        return DeadLetter("undecodable", f"unknown content type {content_type!r}")
+    try:
+        return Run(task, task.decode(codec, body))
+    except msgspec.ValidationError as exc:
+        return DeadLetter("invalid-arguments", exc)
+    except msgspec.DecodeError as exc:
+        return DeadLetter("undecodable", exc)
 
 
 def retry_delays(retries: RetrySpec, *, task: str) -> tuple[int, ...]:
@@ -85,6 +210,7 @@ class RetryPolicy:
     Attributes:
         tiers: the retry queue for each retry, in order: a failure on attempt ``n`` goes
             through ``tiers[n]``; once ``n == len(tiers)`` the message is exhausted.
+        delays_ms: each tier's delay, in the same order.
         retry_on: only these exception types are retried.
         dont_retry_on: these are never retried, even when `retry_on` matches.
     """
@@ -92,6 +218,7 @@ class RetryPolicy:
     tiers: tuple[str, ...] = ()
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     dont_retry_on: tuple[type[BaseException], ...] = ()
+    delays_ms: tuple[int, ...] = ()
 
     def on_failure(self, attempt: int, error: BaseException) -> Decision:
         """Decide what to do after attempt number `attempt` (0-based) raised `error`."""
@@ -102,5 +229,6 @@ class RetryPolicy:
         ):
             return DeadLetter("failed")
         if 0 <= attempt < len(self.tiers):
-            return RetryThrough(self.tiers[attempt], attempt + 1)
+            delay = self.delays_ms[attempt] if attempt < len(self.delays_ms) else 0
+            return RetryThrough(self.tiers[attempt], attempt + 1, delay)
         return DeadLetter("exhausted")

@@ -12,26 +12,23 @@ import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, Protocol, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 from cuebx.context import TaskContext, _current
-from cuebx.durations import Duration, to_seconds
+from cuebx.durations import Duration
 from cuebx.errors import ArgumentsError, ConfigurationError
-from cuebx.message import SERIALIZERS, Codec, codec_for, new_message_id
+from cuebx.message import SERIALIZERS, Codec, codec_for, is_model_type, new_message_id
 from cuebx.policy import RetryPolicy, RetrySpec, retry_delays
+from cuebx.settings import check_count, check_prefetch, check_queue_type, check_seconds
 from cuebx.topology import QueueRoute, QueueType, retry_queue_name
 
-if TYPE_CHECKING:
-    from cuebx.app import Cuebx
-
-__all__ = ["TASK_OPTIONS", "Task", "TaskHandle", "TaskOptions"]
+__all__ = ["TASK_OPTIONS", "Task", "TaskHandle", "TaskOptions", "TaskPublisher"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-_QUEUE_TYPES = ("classic", "quorum")
 
 #: The keyword options of ``@app.task`` besides ``name``.
 TASK_OPTIONS = frozenset(
@@ -58,6 +55,30 @@ class TaskHandle:
     task_name: str
     queue: str
     correlation_id: str
+
+
+class TaskPublisher(Protocol):
+    """What a task publishes through (the app's `cuebx.publisher.Publisher`)."""
+
+    async def publish(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> TaskHandle: ...
+
+    async def publish_many(
+        self,
+        task: Task[Any, Any],
+        arguments: Iterable[Sequence[Any] | Mapping[str, Any]],
+        *,
+        window: int,
+    ) -> list[TaskHandle]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,36 +121,22 @@ class TaskOptions:
             raise ConfigurationError(
                 f"{where}: dead_letter must be True, False or a queue name, got {dead_letter!r}"
             )
-        if prefetch is not None and (
-            isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1
-        ):
-            raise ConfigurationError(f"{where}: prefetch must be an integer >= 1, got {prefetch!r}")
-        if priority is not None and (
-            isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 255
-        ):
-            raise ConfigurationError(f"{where}: priority must be 0..255, got {priority!r}")
-        if queue_type is not None and queue_type not in _QUEUE_TYPES:
-            raise ConfigurationError(
-                f"{where}: queue_type must be 'classic' or 'quorum', got {queue_type!r}"
-            )
-        seconds = None
-        if timeout is not None:
-            try:
-                seconds = to_seconds(timeout, what=f"{where}: timeout")
-            except ValueError as exc:
-                raise ConfigurationError(str(exc)) from None
-            if seconds <= 0:
-                raise ConfigurationError(f"{where}: timeout must be above zero, got {timeout!r}")
         keys = (routing_keys,) if isinstance(routing_keys, str) else tuple(routing_keys)
         return cls(
             name=name,
             queue=queue,
             retry_delays_ms=retry_delays(retries, task=name),
             dead_letter=dead_letter,
-            prefetch=prefetch,
-            timeout=seconds,
-            priority=priority,
-            queue_type=typing.cast(QueueType | None, queue_type),
+            prefetch=None if prefetch is None else check_prefetch(prefetch, where),
+            timeout=(
+                None if timeout is None else check_seconds(timeout, where, "timeout", positive=True)
+            ),
+            priority=(
+                None
+                if priority is None
+                else check_count(priority, where, "priority", low=0, high=255)
+            ),
+            queue_type=None if queue_type is None else check_queue_type(queue_type, where),
             routing_keys=keys,
             retry_on=_exception_types(retry_on, where, "retry_on", default=(Exception,)),
             dont_retry_on=_exception_types(dont_retry_on, where, "dont_retry_on", default=()),
@@ -153,6 +160,7 @@ class TaskOptions:
             tiers=tuple(retry_queue_name(self.queue, ms) for ms in self.retry_delays_ms),
             retry_on=self.retry_on,
             dont_retry_on=self.dont_retry_on,
+            delays_ms=self.retry_delays_ms,
         )
 
 
@@ -236,11 +244,11 @@ class Task(Generic[P, R]):
 
     def __init__(
         self,
-        app: Cuebx,
+        publisher: TaskPublisher,
         fn: Callable[..., Any],
         options: TaskOptions,
     ) -> None:
-        self.app = app
+        self.publisher = publisher
         self.fn = fn
         self.options = options
         self.name = options.name
@@ -258,6 +266,7 @@ class Task(Generic[P, R]):
             raise ConfigurationError(
                 f"task {options.name!r}: unsupported parameter type: {exc}"
             ) from None
+        _refuse_unknown_types(self.args_type, options.name)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -303,7 +312,7 @@ class Task(Generic[P, R]):
             ArgumentsError: the arguments do not fit the task's signature.
             PublishError: the broker did not confirm the message.
         """
-        return await self.app.publish(self, args, kwargs)
+        return await self.publisher.publish(self, args, kwargs)
 
     async def apply_async(
         self,
@@ -326,7 +335,7 @@ class Task(Generic[P, R]):
                 f"task {self.name!r}: countdown= and eta= are not supported yet; cuebx will hold "
                 "delays on the broker (a TTL ladder), never in a sleeping publisher or worker"
             )
-        return await self.app.publish(
+        return await self.publisher.publish(
             self,
             tuple(args),
             dict(kwargs or {}),
@@ -346,7 +355,7 @@ class Task(Generic[P, R]):
         Raises:
             BatchPublishError: some messages were not confirmed; it lists which.
         """
-        return await self.app.publish_many(self, arguments, window=window)
+        return await self.publisher.publish_many(self, arguments, window=window)
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -403,6 +412,31 @@ class Task(Generic[P, R]):
         args, kwargs = self.call_args(context, value)
         result: Awaitable[Any] = self.fn(*args, **kwargs)
         return result
+
+
+def _refuse_unknown_types(args_type: type[msgspec.Struct], task: str) -> None:
+    """Refuse parameter types neither msgspec nor pydantic can encode and validate.
+
+    msgspec accepts any class in a Struct and leaves it to hooks; without this check a task
+    taking one would register fine and then fail on every `delay()`.
+    """
+    seen: set[int] = set()
+    pending: list[Any] = [msgspec.inspect.type_info(args_type)]
+    while pending:
+        node = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, msgspec.inspect.CustomType) and not is_model_type(node.cls):
+            raise ConfigurationError(
+                f"task {task!r}: parameter type {node.cls.__qualname__} cannot be encoded; use "
+                "types msgspec supports (builtins, datetime, UUID, Decimal, enums, "
+                "dataclasses, msgspec Structs, TypedDicts) or a pydantic model"
+            )
+        if isinstance(node, tuple):
+            pending.extend(node)
+        elif isinstance(node, msgspec.inspect.Field | msgspec.inspect.Type):
+            pending.extend(msgspec.structs.astuple(node))
 
 
 def _merge_positional(

@@ -58,15 +58,14 @@ def use_memory_broker(app: Cuebx, url: str = "memory://") -> Iterator[MemoryBrok
 
     The app's own URL is untouched: after the block it talks to its real broker again.
     """
-    if app._workers:
+    if app.workers:
         raise RuntimeError("use_memory_broker() must be entered before consumers start")
-    saved_broker, saved_connected = app._broker, app._connected
     broker = MemoryBroker(url)
-    app._broker, app._connected = broker, False
+    saved = app.use_broker(broker)
     try:
         yield broker
     finally:
-        app._broker, app._connected = saved_broker, saved_connected
+        app.use_broker(saved)
 
 
 @asynccontextmanager
@@ -111,7 +110,7 @@ async def settle(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC10
 
 async def _quiet(app: Cuebx, caller: str, seconds: float, *, follow_ttls: bool) -> None:
     """Wait until the workers are idle with nothing ready; `follow_ttls`: retry tiers too."""
-    workers = [worker for worker, _ in app._workers]
+    workers = list(app.workers)
     if not workers:
         raise RuntimeError(
             f"{caller}() needs running consumers: use `async with cuebx.testing.running(app)`"
@@ -159,14 +158,14 @@ async def messages(app: Cuebx, queue: str, *, limit: int = 1000) -> list[Outgoin
     On RabbitMQ this reads with basic.get and puts them back, which marks them redelivered:
     use it on queues no worker consumes, such as dead-letter queues.
     """
-    if not app._connected:
+    if not app.connected:
         await app.connect()
     return await app.broker.peek(queue, limit)
 
 
 async def take(app: Cuebx, queue: str, *, timeout: float = 5.0) -> Delivery:  # noqa: ASYNC109
     """Consume one message from `queue` (waiting up to `timeout`), ack it and return it."""
-    if not app._connected:
+    if not app.connected:
         await app.connect()
     taken: list[Delivery] = []
     arrived = anyio.Event()

@@ -72,6 +72,7 @@ class QueueSpec:
     name: str
     role: QueueRole
     arguments: Mapping[str, Any]
+    queue_type: QueueType = "classic"
     routing_keys: tuple[str, ...] = ()
     prefetch: int | None = None
     tasks: tuple[str, ...] = ()
@@ -137,9 +138,9 @@ def plan(
         quorum = qtype == "quorum"
         tier_names = tuple(retry_queue_name(name, ms) for ms in delays)
         for ms, tier in zip(delays, tier_names, strict=True):
-            tiers.append(QueueSpec(tier, "retry", _tier_arguments(name, ms, quorum=quorum)))
+            tiers.append(QueueSpec(tier, "retry", _tier_arguments(name, ms, quorum=quorum), qtype))
         if dlq is not None:
-            spec = QueueSpec(dlq, "dead-letter", _type_arguments(quorum))
+            spec = QueueSpec(dlq, "dead-letter", _type_arguments(quorum), qtype)
             if dead_letters.setdefault(dlq, spec) != spec:
                 raise ConfigurationError(
                     f"dead-letter queue {dlq!r} is shared by classic and quorum queues; "
@@ -157,6 +158,7 @@ def plan(
                     delivery_limit=delivery_limit,
                     max_priority=max_priority,
                 ),
+                queue_type=qtype,
                 routing_keys=keys,
                 prefetch=prefetch,
                 tasks=tuple(r.task for r in group),

@@ -4,25 +4,30 @@ Per queue, a channel with ``basic.qos(prefetch)`` delivers messages, and the bro
 the worker's handler for each one in a task of its own: at most `prefetch` handlers of one
 queue run at once (also across reconnections, see `_Slots`), nothing is buffered beyond what
 RabbitMQ already delivered, and no message waits for a hand-over between tasks. A message
-is acked only after
-its handler returned, or after its retry or dead-letter copy was confirmed; whatever is
-not acked when the worker stops or dies goes back to its queue.
+is acked only after its handler returned, or after its retry or dead-letter copy was
+confirmed; whatever is not acked when the worker stops or dies goes back to its queue.
+
+The worker decides nothing itself: `cuebx.policy.admit` sorts each delivery (run it, count
+a redelivery, or dead-letter poison), `RetryPolicy.on_failure` sorts each failure, and the
+middleware `Stack` adds whatever plug-ins do around a handler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
 
-from cuebx.brokers.base import Delivery, Subscription
+from cuebx.brokers.base import Broker, Delivery, Subscription
 from cuebx.context import TaskContext, _current
 from cuebx.errors import PublishError, Retry
 from cuebx.message import (
@@ -30,19 +35,16 @@ from cuebx.message import (
     HEADER_ATTEMPT,
     HEADER_REDELIVERIES,
     HEADER_TASK,
-    DeadLetterReason,
     OutgoingMessage,
-    codec_for_content_type,
     dead_letter_copy,
     new_message_id,
     retry_copy,
 )
-from cuebx.policy import DeadLetter, Decision, RetryThrough
-from cuebx.topology import QueueSpec
-
-if TYPE_CHECKING:
-    from cuebx.app import Cuebx
-    from cuebx.task import Task
+from cuebx.middleware import Outcome, Received, Skip, Stack, notify
+from cuebx.policy import CountRedelivery, DeadLetter, RetryThrough, Run, admit, header_count
+from cuebx.settings import Settings, check_prefetch
+from cuebx.task import Task
+from cuebx.topology import QueueSpec, Topology
 
 __all__ = ["Worker"]
 
@@ -87,7 +89,6 @@ class _Queue:
 
     spec: QueueSpec
     tasks: Mapping[str, Task[Any, Any]]
-    default: Task[Any, Any] | None
     prefetch: int
     #: Count redeliveries ourselves: classic queues have no delivery limit of their own.
     redelivery_limit: int | None
@@ -98,25 +99,60 @@ class _Queue:
         return self.spec.name
 
 
+def _log_fields(task: str | None, message_id: str | None, attempt: int) -> dict[str, Any]:
+    """The extras every log record about one message carries."""
+    return {"task": task, "message_id": message_id, "attempt": attempt}
+
+
+def _context_fields(context: TaskContext) -> dict[str, Any]:
+    return _log_fields(context.task_name, context.message_id, context.attempt)
+
+
 class Worker:
     """Consumers for a set of queues inside one event loop.
 
     Use `Cuebx.start_consumers` (in a running app, such as a FastAPI lifespan) or the
-    ``cuebx worker`` command rather than building one directly.
+    ``cuebx worker`` command rather than building one directly: `Cuebx.worker` builds one
+    from the app's broker, settings, topology, tasks and middleware.
+
+    Args:
+        broker: the connected broker to consume from and publish copies to.
+        settings: the app's settings (prefetch, limits, timeouts).
+        topology: the app's topology; the worker consumes some or all of its main queues.
+        tasks: the app's tasks by name.
+        stack: the app's middleware.
+        queues: the main queues to consume; all of them when None.
+        prefetch: unacked messages per queue, for every queue; else the task's or app's.
+        shutdown_timeout: seconds running handlers may finish on a graceful stop; else
+            the app's setting.
+
+    Raises:
+        LookupError: a queue in `queues` has no task.
+        ConfigurationError: `prefetch` is not a whole number above zero.
     """
 
     def __init__(
         self,
-        app: Cuebx,
+        broker: Broker,
+        settings: Settings,
+        topology: Topology,
+        tasks: Mapping[str, Task[Any, Any]],
         *,
+        stack: Stack | None = None,
         queues: Sequence[str] | None = None,
         prefetch: int | None = None,
-        shutdown_timeout: float = 30.0,
+        shutdown_timeout: float | None = None,
     ) -> None:
-        self.app = app
-        self.shutdown_timeout = shutdown_timeout
-        self.queues = self._plan_queues(queues, prefetch)
-        self._threads = anyio.CapacityLimiter(max(1, app.settings.thread_limit))
+        self.broker = broker
+        self.settings = settings
+        self.stack = stack if stack is not None else Stack()
+        self.shutdown_timeout = (
+            settings.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
+        )
+        if prefetch is not None:
+            prefetch = check_prefetch(prefetch, "worker")
+        self.queues = self._plan_queues(topology, tasks, queues, prefetch)
+        self._threads = anyio.CapacityLimiter(settings.thread_limit)
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
         # One cancel scope per running handler, to requeue them all on an immediate stop.
@@ -125,13 +161,20 @@ class Worker:
         self._wake = anyio.Event()
         self._immediate = False
         self._consumers_cancelled = False
-        # While a redelivered message's copy is being swapped for it, no handler starts:
-        # see `_redelivered`.
-        self._swapping = 0
-        self._swapped = anyio.Event()
+        # While a classic queue's redelivered message is re-published with its count, no
+        # handler starts: see `_count_redelivery`.
+        self._recounting = 0
+        self._recounted = anyio.Event()
+        # The task running `run` when started by `start`.
+        self._runner: asyncio.Task[None] | None = None
 
-    def _plan_queues(self, names: Sequence[str] | None, prefetch: int | None) -> list[_Queue]:
-        topology = self.app.topology()
+    def _plan_queues(
+        self,
+        topology: Topology,
+        tasks: Mapping[str, Task[Any, Any]],
+        names: Sequence[str] | None,
+        prefetch: int | None,
+    ) -> list[_Queue]:
         mains = {q.name: q for q in topology.main_queues}
         wanted = list(names) if names else list(mains)
         unknown = [n for n in wanted if n not in mains]
@@ -143,13 +186,24 @@ class Worker:
         queues = []
         for name in wanted:
             spec = mains[name]
-            tasks = {t: self.app.tasks[t] for t in spec.tasks}
-            default = next(iter(tasks.values())) if len(tasks) == 1 else None
-            size = prefetch or spec.prefetch or self.app.settings.prefetch
-            quorum = spec.arguments.get("x-queue-type") == "quorum"
-            limit = None if quorum else self.app.settings.delivery_limit
-            queues.append(_Queue(spec, tasks, default, size, limit, _Slots(size)))
+            size = prefetch or spec.prefetch or self.settings.prefetch
+            # Quorum queues count deliveries themselves (x-delivery-limit).
+            limit = None if spec.queue_type == "quorum" else self.settings.delivery_limit
+            queue_tasks = {t: tasks[t] for t in spec.tasks}
+            queues.append(_Queue(spec, queue_tasks, size, limit, _Slots(size)))
         return queues
+
+    # -- what middleware sees ---------------------------------------------------------------
+
+    @property
+    def queue_names(self) -> tuple[str, ...]:
+        """The queues this worker consumes."""
+        return tuple(q.name for q in self.queues)
+
+    @property
+    def tasks(self) -> Mapping[str, Task[Any, Any]]:
+        """The tasks of the queues this worker consumes, by name."""
+        return {name: task for q in self.queues for name, task in q.tasks.items()}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -172,10 +226,37 @@ class Worker:
             self._immediate = True
             self._wake.set()
 
+    async def start(self) -> None:
+        """Run the worker in a background task; return once its consumers are registered.
+
+        The task is the worker's own: `stop` ends it and waits for it, so nothing outlives
+        the worker. For running in the foreground (until cancelled), await `run` instead.
+
+        Raises:
+            RuntimeError: it was started already.
+            Exception: whatever kept the consumers from starting (the broker's error).
+        """
+        if self._runner is not None:
+            raise RuntimeError("this worker was started already")
+        ready = asyncio.Event()
+        runner = self._runner = asyncio.get_running_loop().create_task(
+            self.run(task_status=_Started(ready)), name="cuebx-worker"
+        )
+        waiter = asyncio.ensure_future(ready.wait())
+        done, _ = await asyncio.wait({runner, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if runner in done:
+            waiter.cancel()
+            runner.result()  # raises what stopped it
+            raise RuntimeError("cuebx worker stopped before its consumers were registered")
+
     async def stop(self) -> None:
-        """Stop gracefully and wait until the worker has stopped."""
+        """Stop gracefully and wait until the worker has stopped (and its task ended)."""
         self.request_stop()
-        await self._stopped.wait()
+        runner = self._runner
+        if runner is not None:
+            await runner
+        else:
+            await self._stopped.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Consume until a stop is requested; `task_status.started()` once consuming.
@@ -185,12 +266,11 @@ class Worker:
         close the channels. Cancelling `run` itself is an immediate stop.
         """
         subscriptions: list[Subscription] = []
+        await notify(self.stack.on_worker_start, self)
         try:
             for queue in self.queues:
                 handler = functools.partial(self._on_delivery, queue)
-                subscriptions.append(
-                    await self.app.broker.consume(queue.name, queue.prefetch, handler)
-                )
+                subscriptions.append(await self.broker.consume(queue.name, queue.prefetch, handler))
                 logger.info(
                     "consuming %r (prefetch %d) for tasks: %s",
                     queue.name,
@@ -214,25 +294,29 @@ class Worker:
                 )
         finally:
             with anyio.CancelScope(shield=True):
-                # Consumers first: a handler cancelled now requeues its message, which must
-                # not come straight back to a consumer that is still active.
-                self.request_stop()
-                await self._cancel_consumers(subscriptions)
-                self._cancel_running()
-                # A cancelled handler returns at once, except one moving its message to a
-                # retry tier or the dead-letter queue: that finishes, within the publish
-                # timeout, before the channels close.
-                with anyio.move_on_after(self.app.settings.publish_timeout + 1):
-                    await self._wait_for_handlers(until_immediate=False)
-                if self._running:
-                    logger.warning(
-                        "%d handler(s) ignored cancellation and still run; closing anyway",
-                        len(self._running),
-                    )
-                for subscription in subscriptions:
-                    await subscription.close()
-                self._stopped.set()
-                logger.info("worker stopped")
+                await self._shut_down(subscriptions)
+
+    async def _shut_down(self, subscriptions: list[Subscription]) -> None:
+        # Consumers first: a handler cancelled now requeues its message, which must not
+        # come straight back to a consumer that is still active.
+        self.request_stop()
+        await self._cancel_consumers(subscriptions)
+        self._cancel_running()
+        # A cancelled handler returns at once, except one moving its message to a retry tier
+        # or the dead-letter queue: that finishes, within the publish timeout, before the
+        # channels close.
+        with anyio.move_on_after(self.settings.publish_timeout + 1):
+            await self._wait_for_handlers(until_immediate=False)
+        if self._running:
+            logger.warning(
+                "%d handler(s) ignored cancellation and still run; closing anyway",
+                len(self._running),
+            )
+        for subscription in subscriptions:
+            await subscription.close()
+        await notify(self.stack.on_worker_stop, self)
+        self._stopped.set()
+        logger.info("worker stopped")
 
     async def _cancel_consumers(self, subscriptions: list[Subscription]) -> None:
         """Stop new deliveries on every queue at once (basic.cancel, concurrently)."""
@@ -276,11 +360,16 @@ class Worker:
         except Exception:
             # A fault of cuebx's own (a handler's exceptions are caught in `_run`): keep the
             # message, and let the redelivery limit end it if it keeps failing this way.
+            headers = delivery.headers
             logger.exception(
                 "internal error handling message %s on %r: requeueing it",
                 delivery.message_id,
                 queue.name,
-                extra={"message_id": delivery.message_id},
+                extra=_log_fields(
+                    headers.get(HEADER_TASK),
+                    delivery.message_id,
+                    header_count(headers.get(HEADER_ATTEMPT)),
+                ),
             )
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
@@ -294,56 +383,51 @@ class Worker:
 
     async def _process(self, queue: _Queue, delivery: Delivery) -> None:
         headers = delivery.headers
-        name = headers.get(HEADER_TASK)
-        task = queue.default if name is None else queue.tasks.get(name)
+        decision = admit(
+            queue=queue.name,
+            headers=headers,
+            body=delivery.body,
+            content_type=delivery.content_type,
+            redelivered=delivery.redelivered,
+            tasks=queue.tasks,
+            max_size=self.settings.max_message_size,
+            redelivery_limit=queue.redelivery_limit,
+        )
         message_id = delivery.message_id or new_message_id()
-        attempt = _attempt(headers.get(HEADER_ATTEMPT))
-        if delivery.redelivered and queue.redelivery_limit is not None:
-            ref = _Ref(name, message_id, attempt)
-            await self._redelivered(queue, delivery, ref, queue.redelivery_limit)
-            return
-        if task is None:
-            known = ", ".join(map(repr, queue.tasks))
-            why = (
-                f"no task named {name!r} on queue {queue.name!r} (tasks: {known})"
-                if name is not None
-                else f"no {HEADER_TASK} header and queue {queue.name!r} has tasks {known}"
+        if type(decision) is Run:
+            task = decision.task
+            context = TaskContext(
+                message_id=message_id,
+                correlation_id=delivery.correlation_id or message_id,
+                attempt=header_count(headers.get(HEADER_ATTEMPT)),
+                headers=headers,
+                task_name=task.name,
+                queue=queue.name,
+                # A classic queue's redelivered message comes back as a counted copy.
+                redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
             )
-            ref = _Ref(name, message_id, attempt)
-            await self._dead_letter(queue, delivery, ref, "unknown-task", why)
+            await self._run(queue, task, context, decision.arguments, delivery)
             return
-        arguments = self._arguments(task, delivery)
-        if isinstance(arguments, _Poison):
-            ref = _Ref(task.name, message_id, attempt)
-            await self._dead_letter(queue, delivery, ref, arguments.reason, arguments.error)
-            return
+        name = headers.get(HEADER_TASK)
+        known = name if isinstance(name, str) and name in queue.tasks else None
+        if known is None and len(queue.tasks) == 1 and name is None:
+            known = next(iter(queue.tasks))
         context = TaskContext(
             message_id=message_id,
             correlation_id=delivery.correlation_id or message_id,
-            attempt=attempt,
+            attempt=header_count(headers.get(HEADER_ATTEMPT)),
             headers=headers,
-            task_name=task.name,
+            task_name=known or "",
             queue=queue.name,
-            # A classic queue's redelivered message comes back as a counted copy.
-            redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
+            redelivered=delivery.redelivered,
         )
-        await self._run(queue, task, context, arguments, delivery)
-
-    def _arguments(self, task: Task[Any, Any], delivery: Delivery) -> msgspec.Struct | _Poison:
-        """Decode and validate the body into the task's arguments, or say why it cannot be."""
-        limit = self.app.settings.max_message_size
-        if len(delivery.body) > limit:
-            why = f"body of {len(delivery.body)} bytes is over the limit of {limit} bytes"
-            return _Poison("too-large", why)
-        codec = codec_for_content_type(delivery.content_type)
-        if codec is None:
-            return _Poison("undecodable", f"unknown content type {delivery.content_type!r}")
-        try:
-            return task.decode(codec, delivery.body)
-        except msgspec.ValidationError as exc:
-            return _Poison("invalid-arguments", exc)
-        except msgspec.DecodeError as exc:
-            return _Poison("undecodable", exc)
+        if isinstance(decision, CountRedelivery):
+            await self._count_redelivery(queue, delivery, context, decision.count)
+            return
+        assert isinstance(decision, DeadLetter)
+        owner = queue.tasks.get(known) if known else None
+        received = Received(context, owner) if self.stack.on_dead_letter else None
+        await self._dead_letter(queue, delivery, context, decision, received)
 
     async def _run(
         self,
@@ -353,97 +437,141 @@ class Worker:
         arguments: msgspec.Struct,
         delivery: Delivery,
     ) -> None:
-        if self._swapping:
-            await self._swapped.wait()
+        if self._recounting:
+            await self._recounted.wait()
+        stack = self.stack
+        received = Received(context, task, arguments) if stack.handles else None
         token = _current.set(context)
         try:
-            timeout = task.options.timeout
-            if timeout is None:
-                await self._call(task, context, arguments)
-            else:
-                with anyio.move_on_after(timeout) as limit:
-                    await self._call(task, context, arguments)
-                if limit.cancelled_caught:
-                    raise TimeoutError(f"task {task.name!r} ran over its timeout of {timeout:g}s")
-        except anyio.get_cancelled_exc_class():
-            with anyio.CancelScope(shield=True):
-                await delivery.reject(requeue=True)
-            logger.warning(
-                "task %s message %s attempt %d interrupted by the worker stopping: requeued",
-                task.name,
-                context.message_id,
-                context.attempt,
-                extra=_Ref.of(context).extra,
-            )
-            raise
-        except Exception as exc:
-            await self._failed(queue, task, context, delivery, exc)
-        else:
-            await delivery.ack()
+            if received is not None and stack.before_handler:
+                try:
+                    await stack.run_before_handler(received)
+                except Skip as skip:
+                    await self._skip(received, skip, delivery)
+                    return
+            await self._attempt(queue, task, context, arguments, delivery, received)
         finally:
             _current.reset(token)
 
+    async def _attempt(
+        self,
+        queue: _Queue,
+        task: Task[Any, Any],
+        context: TaskContext,
+        arguments: msgspec.Struct,
+        delivery: Delivery,
+        received: Received | None,
+    ) -> None:
+        """Run the handler once and settle its message by how it ended."""
+        started = time.perf_counter()
+        try:
+            timeout = task.options.timeout
+            if timeout is None:
+                result = await self._call(task, context, arguments)
+            else:
+                with anyio.move_on_after(timeout) as limit:
+                    result = await self._call(task, context, arguments)
+                if limit.cancelled_caught:
+                    raise TimeoutError(f"task {task.name!r} ran over its timeout of {timeout:g}s")
+        except anyio.get_cancelled_exc_class() as exc:
+            with anyio.CancelScope(shield=True):
+                await delivery.reject(requeue=True)
+                logger.warning(
+                    "task %s message %s attempt %d interrupted by the worker stopping: requeued",
+                    task.name,
+                    context.message_id,
+                    context.attempt,
+                    extra=_context_fields(context),
+                )
+                if received is not None and self.stack.after_handler:
+                    with anyio.move_on_after(self.settings.publish_timeout):
+                        outcome = Outcome(error=exc, duration=time.perf_counter() - started)
+                        await notify(self.stack.after_handler, received, outcome)
+            raise
+        except Exception as exc:
+            if received is not None and self.stack.after_handler:
+                outcome = Outcome(error=exc, duration=time.perf_counter() - started)
+                await notify(self.stack.after_handler, received, outcome)
+            await self._failed(queue, task, context, delivery, exc, received)
+        else:
+            if received is not None and self.stack.after_handler:
+                outcome = Outcome(result=result, duration=time.perf_counter() - started)
+                await notify(self.stack.after_handler, received, outcome)
+            await delivery.ack()
+
+    async def _skip(self, received: Received, skip: Skip, delivery: Delivery) -> None:
+        context = received.context
+        logger.info(
+            "task %s message %s attempt %d skipped: %s",
+            context.task_name,
+            context.message_id,
+            context.attempt,
+            skip.reason or "a middleware skipped it",
+            extra=_context_fields(context),
+        )
+        await notify(self.stack.after_handler, received, Outcome(error=skip))
+        await delivery.ack()
+
     async def _call(
         self, task: Task[Any, Any], context: TaskContext, arguments: msgspec.Struct
-    ) -> None:
+    ) -> Any:
         if task.is_async:
-            await task.invoke(context, arguments)
-        else:
-            await self._run_in_thread(task, context, arguments)
+            return await task.invoke(context, arguments)
+        return await self._run_in_thread(task, context, arguments)
 
     async def _run_in_thread(
         self, task: Task[Any, Any], context: TaskContext, arguments: msgspec.Struct
-    ) -> None:
+    ) -> Any:
         args, kwargs = task.call_args(context, arguments)
         # anyio runs it in a copy of this task's context: current_context() works there.
         call = functools.partial(task.fn, *args, **kwargs)
         try:
-            await anyio.to_thread.run_sync(call, limiter=self._threads, abandon_on_cancel=True)
+            return await anyio.to_thread.run_sync(
+                call, limiter=self._threads, abandon_on_cancel=True
+            )
         except anyio.get_cancelled_exc_class():
             logger.warning(
                 "task %s message %s: sync handler abandoned in its thread (a thread cannot be "
                 "killed; it runs on until it returns)",
                 task.name,
                 context.message_id,
-                extra=_Ref.of(context).extra,
+                extra=_context_fields(context),
             )
             raise
 
-    async def _redelivered(self, queue: _Queue, delivery: Delivery, ref: _Ref, limit: int) -> None:
-        """Count a classic queue's redelivery in a header, so a poison message cannot loop.
+    async def _count_redelivery(
+        self, queue: _Queue, delivery: Delivery, context: TaskContext, count: int
+    ) -> None:
+        """Re-publish a classic queue's redelivered message with its redelivery count.
 
         RabbitMQ sets `redelivered` when an earlier delivery ended without an ack (a worker
         died or stopped mid-task) but keeps no count on classic queues. The worker moves
-        the message to the back of its queue with the count raised, and past the limit
-        dead-letters it, instead of running a handler that may kill the process again.
+        the message to the back of its queue with the count raised (`cuebx.policy.admit`
+        dead-letters it past the limit), instead of running a handler that may kill the
+        process again.
 
         No handler starts until the original's ack is on the wire: otherwise the copy could
         be handled, and kill the process, before that ack left, and both would come back.
         """
-        count = _attempt(delivery.headers.get(HEADER_REDELIVERIES)) + 1
-        if count >= limit:
-            why = f"delivered {count} times without finishing (the limit is {limit})"
-            await self._dead_letter(queue, delivery, ref, "delivery-limit", why)
-            return
         logger.warning(
             "message %s on %r was redelivered (%d of %d): a worker stopped or died handling it",
-            ref.message_id,
+            context.message_id,
             queue.name,
             count,
-            limit,
-            extra=ref.extra,
+            queue.redelivery_limit,
+            extra=_log_fields(context.task_name or None, context.message_id, context.attempt),
         )
-        out = _outgoing(delivery, ref.message_id)
+        out = _outgoing(delivery, context.message_id)
         copy = replace(out, headers={**out.headers, HEADER_REDELIVERIES: count})
-        if not self._swapping:
-            self._swapped = anyio.Event()
-        self._swapping += 1
+        if not self._recounting:
+            self._recounted = anyio.Event()
+        self._recounting += 1
         try:
-            await self._forward(delivery, queue.name, copy, ref)
+            await self._forward(delivery, queue.name, copy, context)
         finally:
-            self._swapping -= 1
-            if not self._swapping:
-                self._swapped.set()
+            self._recounting -= 1
+            if not self._recounting:
+                self._recounted.set()
 
     # -- carrying out decisions -------------------------------------------------------------
 
@@ -454,6 +582,7 @@ class Worker:
         context: TaskContext,
         delivery: Delivery,
         error: Exception,
+        received: Received | None,
     ) -> None:
         if isinstance(error, Retry) and (error.every is not None or error.times is not None):
             logger.warning(
@@ -462,9 +591,9 @@ class Worker:
                 task.name,
                 error.every,
                 error.times,
-                extra=_Ref.of(context).extra,
+                extra=_context_fields(context),
             )
-        decision: Decision = task.retry_policy.on_failure(context.attempt, error)
+        decision = task.retry_policy.on_failure(context.attempt, error)
         if isinstance(decision, RetryThrough):
             logger.warning(
                 "task %s message %s attempt %d failed: %s: %s; retrying through %s",
@@ -474,12 +603,19 @@ class Worker:
                 type(error).__name__,
                 error,
                 decision.queue,
-                extra=_Ref.of(context).extra,
+                extra=_context_fields(context),
             )
             copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
-            await self._forward(delivery, decision.queue, copy, _Ref.of(context))
+            moved = await self._forward(delivery, decision.queue, copy, context)
+            if moved and received is not None and self.stack.on_retry:
+                await notify(
+                    self.stack.on_retry,
+                    received,
+                    error,
+                    attempt=decision.attempt,
+                    delay=decision.delay_ms / 1000,
+                )
             return
-        assert isinstance(decision, DeadLetter)
         logger.error(
             "task %s message %s attempt %d failed (%s): %s: %s",
             task.name,
@@ -489,73 +625,86 @@ class Worker:
             type(error).__name__,
             error,
             exc_info=error,
-            extra=_Ref.of(context).extra,
+            extra=_context_fields(context),
         )
-        await self._dead_letter(queue, delivery, _Ref.of(context), decision.reason, error)
+        await self._dead_letter(
+            queue, delivery, context, DeadLetter(decision.reason, error), received
+        )
 
     async def _dead_letter(
         self,
         queue: _Queue,
         delivery: Delivery,
-        ref: _Ref,
-        reason: DeadLetterReason,
-        error: BaseException | str,
+        context: TaskContext,
+        decision: DeadLetter,
+        received: Received | None,
     ) -> None:
+        reason, error = decision.reason, decision.detail
         target = queue.spec.dead_letter_queue
+        fields = _log_fields(context.task_name or None, context.message_id, context.attempt)
         if reason not in ("exhausted", "rejected", "failed"):
+            # Poison input: the handler never ran, so nothing else logged it.
             logger.error(
                 "message %s on %r dead-lettered (%s): %s",
-                ref.message_id,
+                context.message_id,
                 queue.name,
                 reason,
                 error,
-                extra=ref.extra,
+                extra=fields,
             )
         if target is None:
             logger.error(
-                "queue %r has no dead-letter queue: message %s dropped",
+                "queue %r has no dead-letter queue: message %s (%s) dropped",
                 queue.name,
-                ref.message_id,
-                extra=ref.extra,
+                context.message_id,
+                reason,
+                extra=fields,
             )
             await delivery.ack()
-            return
-        copy = dead_letter_copy(
-            _outgoing(delivery, ref.message_id), reason=reason, queue=queue.name, error=error
-        )
-        await self._forward(delivery, target, copy, ref)
+            moved = True
+        else:
+            copy = dead_letter_copy(
+                _outgoing(delivery, context.message_id),
+                reason=reason,
+                queue=queue.name,
+                error=error,
+            )
+            moved = await self._forward(delivery, target, copy, context)
+        if moved and received is not None and self.stack.on_dead_letter:
+            await notify(self.stack.on_dead_letter, received, reason, error)
 
     async def _forward(
-        self, delivery: Delivery, queue: str, copy: OutgoingMessage, ref: _Ref
-    ) -> None:
+        self, delivery: Delivery, queue: str, copy: OutgoingMessage, context: TaskContext
+    ) -> bool:
         """Publish a copy through the default exchange, then ack the original.
 
         Shielded: a stop that lands between the two would leave both the copy and the
         original in the broker.
+
+        Returns:
+            True once the copy is confirmed and the original acked; False when the copy was
+            not confirmed and the original was requeued.
         """
+        moved = False
         with anyio.CancelScope(shield=True):
             try:
-                await self.app.broker.publish("", queue, copy)
+                await self.broker.publish("", queue, copy)
             except PublishError as exc:
                 # Not confirmed: keep the original, so the message is never lost.
                 logger.error(
                     "could not move message %s to %r: %s; requeueing it",
-                    ref.message_id,
+                    context.message_id,
                     queue,
                     exc,
-                    extra=ref.extra,
+                    extra=_log_fields(
+                        context.task_name or None, context.message_id, context.attempt
+                    ),
                 )
                 await delivery.reject(requeue=True)
-                return
-            await delivery.ack()
-
-
-def _attempt(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return 0
+            else:
+                await delivery.ack()
+                moved = True
+        return moved
 
 
 def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
@@ -570,26 +719,11 @@ def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Poison:
-    """Why a message cannot be handled at all: it goes to the dead-letter queue as is."""
+class _Started:
+    """A task_status that sets an asyncio event, for starting a worker outside a group."""
 
-    reason: DeadLetterReason
-    error: BaseException | str
+    def __init__(self, event: asyncio.Event) -> None:
+        self._event = event
 
-
-@dataclass(frozen=True, slots=True)
-class _Ref:
-    """The message a log record is about: every such record carries these as extras."""
-
-    task: str | None
-    message_id: str
-    attempt: int
-
-    @classmethod
-    def of(cls, context: TaskContext) -> _Ref:
-        return cls(context.task_name, context.message_id, context.attempt)
-
-    @property
-    def extra(self) -> dict[str, Any]:
-        return {"task": self.task, "message_id": self.message_id, "attempt": self.attempt}
+    def started(self, value: None = None) -> None:
+        self._event.set()

@@ -76,10 +76,11 @@ class AppMaker:
 
     def __call__(self, **options: Any) -> Cuebx:
         options.setdefault("connection_name", self.request.node.nodeid)
-        app = Cuebx(options.pop("url", self.url), **options)
-        if self.apps and app.settings.url.startswith("memory:"):
+        url = options.pop("url", self.url)
+        if self.apps and url.startswith("memory:"):
             # One in-memory broker per test, shared like one RabbitMQ server would be.
-            app._broker = self.apps[0].broker
+            options.setdefault("broker", self.apps[0].broker)
+        app = Cuebx(url, **options)
         self.apps.append(app)
         return app
 

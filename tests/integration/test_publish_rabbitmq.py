@@ -69,6 +69,6 @@ async def test_publishing_on_a_closed_broker_fails_at_once_and_says_why(
     await job.delay()
     broker = app.broker
     await app.close()
-    message = app._message(job, (), {})
+    message = app.publisher.message(job, (), {})
     with anyio.fail_after(2), pytest.raises(PublishError, match="not connected"):
         await broker.publish(app.settings.exchange, job.queue, message)

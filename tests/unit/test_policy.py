@@ -174,7 +174,7 @@ def test_a_task_policy_maps_each_retry_to_its_tier_queue() -> None:
     assert policy.tiers == ("q.retry.30s", "q.retry.5m")
     assert policy.retry_on == (Transient,)
     assert policy.dont_retry_on == (Permanent,)
-    assert policy.on_failure(0, Transient()) == RetryThrough("q.retry.30s", 1)
+    assert policy.on_failure(0, Transient()) == RetryThrough("q.retry.30s", 1, 30_000)
 
 
 def test_a_task_retries_any_exception_by_default() -> None:
@@ -183,4 +183,4 @@ def test_a_task_retries_any_exception_by_default() -> None:
     @app.task(queue="q", retries=["30s"])
     async def job() -> None: ...
 
-    assert job.retry_policy.on_failure(0, KeyError("x")) == RetryThrough("q.retry.30s", 1)
+    assert job.retry_policy.on_failure(0, KeyError("x")) == RetryThrough("q.retry.30s", 1, 30_000)

@@ -1,0 +1,179 @@
+"""The publish path: a task's arguments become a message, confirmed by the broker.
+
+`Publisher` builds the message (encoded, validated, size-checked, ids and headers set), runs
+the middleware's publish hooks, and publishes it mandatory with a confirm. It knows the app
+only as a `Connection`: something with a broker that can be connected (and its topology
+declared) on first use, so that a producer never publishes into a queue that does not exist.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from cuebx.brokers.base import Broker
+from cuebx.errors import ArgumentsError, BatchPublishError
+from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, new_message_id
+from cuebx.middleware import Publish, Stack, notify
+from cuebx.settings import Settings
+from cuebx.task import Task, TaskHandle
+
+__all__ = ["Connection", "Publisher"]
+
+
+class Connection(Protocol):
+    """What the publisher needs of its app: the broker, connected on demand."""
+
+    @property
+    def broker(self) -> Broker: ...
+    @property
+    def connected(self) -> bool: ...
+    async def connect(self) -> None: ...
+
+
+class Publisher:
+    """Publishes the messages of an app's tasks through its broker and middleware."""
+
+    def __init__(self, connection: Connection, settings: Settings, stack: Stack) -> None:
+        self.connection = connection
+        self.settings = settings
+        self.stack = stack
+
+    def message(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> OutgoingMessage:
+        """Build the message for one call of `task` (nothing is published).
+
+        Raises:
+            ArgumentsError: the arguments do not fit the task, or encode too large.
+        """
+        settings = self.settings
+        body = task.encode(settings.codec, args, kwargs)
+        if len(body) > settings.max_message_size:
+            raise ArgumentsError(
+                f"task {task.name!r}: the encoded arguments are {len(body)} bytes, over "
+                f"max_message_size ({settings.max_message_size} bytes), so a worker "
+                "would dead-letter the message as too-large; pass a reference (a URL, a key) "
+                "instead of the data, or raise max_message_size on every app of the queue"
+            )
+        message_id = message_id or new_message_id()
+        all_headers: dict[str, Any] = dict(headers) if headers else {}
+        all_headers[HEADER_TASK] = task.name
+        all_headers[HEADER_ATTEMPT] = 0
+        return OutgoingMessage(
+            body=body,
+            message_id=message_id,
+            correlation_id=correlation_id or message_id,
+            content_type=settings.codec.content_type,
+            headers=all_headers,
+            timestamp=datetime.now(UTC),
+            priority=task.options.priority if priority is None else priority,
+        )
+
+    async def _broker(self) -> Broker:
+        connection = self.connection
+        if not connection.connected:
+            await connection.connect()
+        return connection.broker
+
+    async def publish(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        priority: int | None = None,
+        headers: Mapping[str, Any] | None = None,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+    ) -> TaskHandle:
+        """Publish one message for `task` and wait for its confirm.
+
+        Raises:
+            ArgumentsError: the arguments do not fit the task's signature.
+            PublishError: the broker did not confirm the message.
+        """
+        message = self.message(
+            task,
+            args,
+            kwargs,
+            priority=priority,
+            headers=headers,
+            correlation_id=correlation_id,
+            message_id=message_id,
+        )
+        broker = await self._broker()
+        exchange = self.settings.exchange
+        stack = self.stack
+        if not (stack.before_publish or stack.after_publish):
+            await broker.publish(exchange, task.queue, message)
+        else:
+            publish = Publish(exchange, task.queue, message, task.name)
+            for hook in stack.before_publish:
+                await hook(publish)
+            try:
+                await broker.publish(publish.exchange, publish.routing_key, publish.message)
+            except BaseException as exc:
+                await notify(stack.after_publish, publish, exc)
+                raise
+            await notify(stack.after_publish, publish, None)
+            message = publish.message
+        return TaskHandle(message.message_id, task.name, task.queue, message.correlation_id)
+
+    async def publish_many(
+        self,
+        task: Task[Any, Any],
+        arguments: Iterable[Sequence[Any] | Mapping[str, Any]],
+        *,
+        window: int = 256,
+    ) -> list[TaskHandle]:
+        """Publish one message per item, keeping up to `window` confirms in flight.
+
+        Every item is encoded and validated before anything is published.
+
+        Raises:
+            ArgumentsError: an item's arguments do not fit (nothing was published).
+            BatchPublishError: some messages were not confirmed; it lists which.
+        """
+        messages = []
+        for index, item in enumerate(arguments):
+            try:
+                if isinstance(item, Mapping):
+                    messages.append(self.message(task, (), item))
+                else:
+                    messages.append(self.message(task, tuple(item), {}))
+            except ArgumentsError as exc:
+                raise ArgumentsError(f"item {index}: {exc}") from None
+        broker = await self._broker()
+        exchange = self.settings.exchange
+        stack = self.stack
+        publishes = [Publish(exchange, task.queue, m, task.name) for m in messages]
+        if stack.before_publish:
+            for publish in publishes:
+                for hook in stack.before_publish:
+                    await hook(publish)
+        results = await broker.publish_many(
+            exchange, [(p.routing_key, p.message) for p in publishes], window=window
+        )
+        if stack.after_publish:
+            for publish, error in zip(publishes, results, strict=True):
+                await notify(stack.after_publish, publish, error)
+        handles: list[TaskHandle | None] = [
+            None
+            if error is not None
+            else TaskHandle(p.message.message_id, task.name, task.queue, p.message.correlation_id)
+            for p, error in zip(publishes, results, strict=True)
+        ]
+        errors = {i: e for i, e in enumerate(results) if e is not None}
+        if errors:
+            raise BatchPublishError(handles, errors)
+        return [h for h in handles if h is not None]

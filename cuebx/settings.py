@@ -1,0 +1,153 @@
+"""`Settings`: an app's options, checked once, and the checks shared with task options.
+
+Every option of `cuebx.Cuebx` and every per-queue knob a task or a worker can override
+(prefetch, queue type) is validated by one function here, so that each is refused with the
+same words wherever it is given and nothing downstream checks it again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, cast
+
+from cuebx.durations import Duration, to_seconds
+from cuebx.errors import ConfigurationError
+from cuebx.message import Codec, codec_for
+from cuebx.topology import QueueType
+
+__all__ = [
+    "DEFAULT_URL",
+    "URL_ENV",
+    "Settings",
+    "check_count",
+    "check_prefetch",
+    "check_queue_type",
+    "check_seconds",
+]
+
+DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+URL_ENV = "CUEBX_BROKER_URL"
+
+_QUEUE_TYPES = ("classic", "quorum")
+
+
+def check_queue_type(value: Any, where: str) -> QueueType:
+    """Return `value` as a queue type, or refuse it naming `where`."""
+    if value not in _QUEUE_TYPES:
+        raise ConfigurationError(
+            f"{where}: queue_type must be 'classic' or 'quorum', got {value!r}"
+        )
+    return cast(QueueType, value)
+
+
+def check_count(
+    value: Any, where: str, option: str, *, low: int = 1, high: int | None = None
+) -> int:
+    """Return `value` if it is an integer in ``low..high`` (bools refused), else refuse it."""
+    in_range = (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value >= low
+        and (high is None or value <= high)
+    )
+    if not in_range:
+        bounds = f">= {low}" if high is None else f"{low}..{high}"
+        raise ConfigurationError(f"{where}: {option} must be an integer {bounds}, got {value!r}")
+    return cast(int, value)
+
+
+def check_prefetch(value: Any, where: str) -> int:
+    """A prefetch is a whole number of unacked messages, at least one."""
+    return check_count(value, where, "prefetch")
+
+
+def check_seconds(value: Duration, where: str, option: str, *, positive: bool = False) -> float:
+    """Read a duration option in seconds; `positive` refuses zero too."""
+    try:
+        seconds = to_seconds(value, what=f"{where}: {option}")
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if positive and seconds <= 0:
+        raise ConfigurationError(f"{where}: {option} must be above zero, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The app's settings, resolved once: argument, then environment, then default.
+
+    Build them with `Settings.build`, which checks every value; the attributes are then
+    trusted everywhere. Durations are in seconds.
+    """
+
+    url: str
+    exchange: str
+    queue_type: QueueType
+    codec: Codec
+    delivery_limit: int | None
+    max_priority: int | None
+    prefetch: int
+    max_message_size: int
+    publish_timeout: float
+    connect_timeout: float
+    shutdown_timeout: float
+    thread_limit: int
+    connection_name: str | None
+
+    @classmethod
+    def build(
+        cls,
+        url: str | None = None,
+        *,
+        exchange: str = "cuebx",
+        queue_type: QueueType = "classic",
+        serializer: str = "json",
+        delivery_limit: int | None = 10,
+        max_priority: int | None = None,
+        prefetch: int = 10,
+        max_message_size: int = 1024 * 1024,
+        publish_timeout: Duration = "30s",
+        connect_timeout: Duration = "10s",
+        shutdown_timeout: Duration = "30s",
+        thread_limit: int = 40,
+        connection_name: str | None = None,
+    ) -> Settings:
+        """Check and resolve the options of `cuebx.Cuebx` (see there for their meaning).
+
+        Raises:
+            ConfigurationError: an option is invalid; the message names it.
+        """
+        where = "Cuebx"
+        if not isinstance(exchange, str) or not exchange or exchange.startswith("amq."):
+            raise ConfigurationError(
+                f"{where}: exchange must be a non-empty name not starting with 'amq.' "
+                f"(RabbitMQ reserves those and the default exchange), got {exchange!r}"
+            )
+        try:
+            codec = codec_for(serializer)
+        except ValueError as exc:
+            raise ConfigurationError(f"{where}: {exc}") from None
+        return cls(
+            url=url or os.environ.get(URL_ENV) or DEFAULT_URL,
+            exchange=exchange,
+            queue_type=check_queue_type(queue_type, where),
+            codec=codec,
+            delivery_limit=(
+                None
+                if delivery_limit is None
+                else check_count(delivery_limit, where, "delivery_limit")
+            ),
+            max_priority=(
+                None
+                if max_priority is None
+                else check_count(max_priority, where, "max_priority", high=255)
+            ),
+            prefetch=check_prefetch(prefetch, where),
+            max_message_size=check_count(max_message_size, where, "max_message_size"),
+            publish_timeout=check_seconds(publish_timeout, where, "publish_timeout", positive=True),
+            connect_timeout=check_seconds(connect_timeout, where, "connect_timeout", positive=True),
+            shutdown_timeout=check_seconds(shutdown_timeout, where, "shutdown_timeout"),
+            thread_limit=check_count(thread_limit, where, "thread_limit"),
+            connection_name=connection_name,
+        )
