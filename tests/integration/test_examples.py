@@ -106,3 +106,21 @@ def test_the_testing_example_passes_as_a_user_would_run_it() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout
+
+
+def test_the_middleware_example_runs_on_its_own_and_prints_its_timings() -> None:
+    result = subprocess.run(
+        [sys.executable, "middleware.py"],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert sorted(line for line in lines if line.startswith("invoice ")) == [
+        "invoice 1 from billing",
+        "invoice 2 from billing",
+        "invoice 3 from billing",
+    ]
+    assert len([line for line in lines if line.startswith("render_invoice took ")]) == 3

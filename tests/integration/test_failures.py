@@ -11,7 +11,9 @@ import anyio
 import msgspec
 import pytest
 
-from cuebx import Reject, Retry, TaskContext
+from cuebx import Cuebx, Reject, Retry, TaskContext
+from cuebx.brokers.memory import MemoryBroker
+from cuebx.message import OutgoingMessage
 from tests.conftest import AppFactory, Probe, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -313,3 +315,68 @@ async def test_every_log_record_about_a_message_names_its_task_id_and_attempt(
     about = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "cuebx.worker"]
     seen = {(vars(r)["task"], vars(r)["message_id"], vars(r)["attempt"]) for r in about}
     assert seen == {("flaky", "bad", 3), ("flaky", handle.id, 0), ("flaky", handle.id, 1)}
+
+
+async def test_an_unknown_task_is_logged_with_no_task_and_its_name_in_the_message(
+    make_app: AppFactory, prefix: str, probe: Probe, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.unknown"
+
+    @app.task(queue=queue)
+    async def known(n: int) -> None: ...
+
+    await app.connect()
+    caplog.set_level(logging.INFO, logger="cuebx")
+    headers = {"x-cuebx-task": "ghost", "x-retry-attempt": 2}
+    await probe.publish(queue, b'{"n": 1}', headers=headers, message_id="who")
+    worker = await app.start_consumers()
+    await probe.take(f"{queue}.dlq")
+    await worker.stop()
+    [record] = [r for r in caplog.records if "dead-lettered (unknown-task)" in r.getMessage()]
+    assert "no task named 'ghost'" in record.getMessage()
+    assert (vars(record)["task"], vars(record)["message_id"], vars(record)["attempt"]) == (
+        None,
+        "who",
+        2,
+    )
+
+
+class _FailingTiers(MemoryBroker):
+    """A memory broker whose retry tiers fail with an error cuebx does not expect."""
+
+    async def publish(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+        if ".retry." in routing_key:
+            raise RuntimeError("the disk is on fire")
+        await super().publish(exchange, routing_key, message)
+
+
+async def test_an_internal_error_is_logged_with_the_message_and_requeues_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Cuebx("memory://", broker=_FailingTiers())
+    attempts: list[int] = []
+
+    @app.task(queue="internal", retries=["1s"])
+    async def flaky(ctx: TaskContext) -> None:
+        attempts.append(ctx.attempt)
+        raise ValueError("down")
+
+    caplog.set_level(logging.ERROR, logger="cuebx.worker")
+    worker = await app.start_consumers()
+    handle = await flaky.delay()
+    await wait_for(lambda: any("internal error" in r.getMessage() for r in caplog.records))
+    await worker.stop()
+    [record, *_] = [r for r in caplog.records if "internal error" in r.getMessage()]
+    assert (vars(record)["task"], vars(record)["message_id"], vars(record)["attempt"]) == (
+        "flaky",
+        handle.id,
+        0,
+    )
+    assert record.exc_info is not None
+    assert "disk is on fire" in str(record.exc_info[1])
+    # Requeued, not lost: back in its queue, or once the same error kept coming back, in
+    # the dead-letter queue as a message that exceeded the redelivery limit.
+    broker = app.broker
+    assert await broker.queue_length("internal") + await broker.queue_length("internal.dlq") == 1
+    await app.close()

@@ -6,6 +6,7 @@ import contextvars
 import functools
 
 import anyio
+import pydantic
 import pytest
 
 from cuebx import TaskContext, current_context
@@ -315,3 +316,25 @@ async def test_closing_the_app_stops_a_kept_alive_worker_gracefully(
             await wait_for(lambda: done == [1], what="the task")
             await app.close()
     assert await probe.count(queue) == 0
+
+
+class Order(pydantic.BaseModel):
+    order_id: int
+    items: list[str]
+
+
+async def test_a_pydantic_model_argument_reaches_the_handler_as_the_model(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app()
+    got: list[Order] = []
+
+    @app.task(queue=f"{prefix}.orders")
+    async def ship(order: Order) -> None:
+        got.append(order)
+
+    worker = await app.start_consumers()
+    await ship.delay(Order(order_id=7, items=["book"]))
+    await wait_for(lambda: len(got) == 1, what="the order")
+    await worker.stop()
+    assert got == [Order(order_id=7, items=["book"])]

@@ -5,6 +5,7 @@ import json
 from datetime import datetime
 
 import msgspec
+import pydantic
 import pytest
 
 from cuebx import (
@@ -567,3 +568,61 @@ def test_decoding_garbage_raises_a_decode_error(app: Cuebx) -> None:
 
     with pytest.raises(msgspec.DecodeError):
         send.decode(JSON, b"\x80not json")
+
+
+class Address(pydantic.BaseModel):
+    street: str
+    zip_code: str = pydantic.Field(pattern=r"^\d{5}$")
+
+
+class Signup(pydantic.BaseModel):
+    email: str
+    joined: datetime
+    address: Address | None = None
+
+
+@pytest.mark.parametrize("codec", [JSON, MSGPACK], ids=["json", "msgpack"])
+def test_a_pydantic_model_argument_is_encoded_and_comes_back_as_the_model(
+    app: Cuebx, codec: Codec
+) -> None:
+    @app.task
+    async def welcome(signup: Signup, tags: list[Signup]) -> None: ...
+
+    signup = Signup(email="a@example.com", joined=datetime(2026, 1, 2, 3, 4, 5))
+    signup.address = Address(street="Main St 1", zip_code="12345")
+    body = welcome.encode(codec, (signup,), {"tags": [signup]})
+    value = welcome.decode(codec, body)
+    assert value.signup == signup  # type: ignore[attr-defined]
+    assert isinstance(value.tags[0], Signup)  # type: ignore[attr-defined]
+
+
+def test_a_pydantic_validation_error_is_invalid_arguments_naming_the_field(app: Cuebx) -> None:
+    @app.task
+    async def welcome(signup: Signup) -> None: ...
+
+    body = (
+        b'{"signup": {"email": "a@example.com", "joined": "2026-01-02T00:00:00",'
+        b' "address": {"street": "x", "zip_code": "abc"}}}'
+    )
+    with pytest.raises(msgspec.ValidationError, match=r"(?s)address.zip_code.*at `\$.signup`"):
+        welcome.decode(JSON, body)
+
+
+def test_delay_checks_a_pydantic_argument_before_publishing(app: Cuebx) -> None:
+    @app.task
+    async def welcome(signup: Signup) -> None: ...
+
+    with pytest.raises(ArgumentsError, match="task 'welcome': invalid arguments"):
+        welcome.encode(JSON, ({"email": "a@example.com"},), {})
+
+
+def test_a_parameter_type_nothing_can_encode_is_refused_at_registration(app: Cuebx) -> None:
+    class Opaque:
+        pass
+
+    def define() -> None:
+        @app.task
+        async def job(items: dict[str, list[Opaque]]) -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"task 'job': parameter type .*Opaque cannot"):
+        define()
