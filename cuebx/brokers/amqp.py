@@ -52,15 +52,88 @@ _LOST_CHANNEL = (
 )
 
 
+class _Acks:
+    """The acks of one aiormq channel, sent in batches by one sender at a time.
+
+    A handler's ack joins the current batch; the channel's sender task sends a batch once
+    the event-loop turn that filled it is over: a single ``basic.ack(multiple=True)`` for
+    every acked delivery below the lowest one still unsettled, and a plain ``basic.ack``
+    for each acked delivery above it (a slow handler never holds back the acks of the
+    others). Every caller of `ack` returns once the frame covering its delivery is
+    written, as with one frame per ack; the broker sees a fraction of the frames.
+
+    A delivery left unsettled on purpose (a stopping worker leaves late ones to go back
+    when the channel closes) is never covered by a multiple ack: the floor stops below it.
+    Neither is one being rejected: it counts as settled only once its reject frame is
+    written, so no multiple ack can overtake the reject on the wire.
+    """
+
+    __slots__ = ("_batch", "_floor", "_pending", "_sender", "_settled", "channel")
+
+    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
+        self.channel = channel
+        # Every delivery tag up to `_floor` is settled; `_settled` holds those above it.
+        self._floor = 0
+        self._settled: set[int] = set()
+        self._pending: list[int] = []
+        self._batch: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+
+    def rejected(self, tag: int) -> None:
+        """Note a delivery whose reject frame has been written."""
+        self._settled.add(tag)
+
+    async def ack(self, tag: int) -> None:
+        """Ack `tag` with the next batch; return once that batch is written."""
+        self._pending.append(tag)
+        batch = self._batch
+        if batch is None:
+            batch = self._batch = asyncio.get_running_loop().create_future()
+        if self._sender is None:
+            self._sender = asyncio.get_running_loop().create_task(self._send_batches())
+        # Shielded: a cancelled handler's ack still goes out with its batch.
+        await asyncio.shield(batch)
+
+    async def _send_batches(self) -> None:
+        try:
+            while self._batch is not None:
+                batch, pending = self._batch, sorted(self._pending)
+                self._batch, self._pending = None, []
+                try:
+                    await self._send(pending)
+                except Exception as exc:
+                    batch.set_exception(exc)
+                    batch.exception()  # retrieved here: the acks' callers may all be gone
+                else:
+                    batch.set_result(None)
+        finally:
+            self._sender = None
+
+    async def _send(self, pending: list[int]) -> None:
+        settled = self._settled
+        settled.update(pending)
+        floor = self._floor
+        while floor + 1 in settled:
+            floor += 1
+            settled.discard(floor)
+        self._floor = floor
+        below = [t for t in pending if t <= floor]
+        if below:
+            await self.channel.basic_ack(below[-1], multiple=len(below) > 1)
+        for tag in pending[len(below) :]:
+            await self.channel.basic_ack(tag)
+
+
 class _AmqpDelivery:
     """A received message: aiormq's frame and properties, read lazily, acked on its channel."""
 
-    __slots__ = ("_channel", "_props", "_tag", "body", "redelivered")
+    __slots__ = ("_acks", "_channel", "_props", "_tag", "body", "redelivered")
 
-    def __init__(self, message: DeliveredMessage) -> None:
+    def __init__(self, message: DeliveredMessage, acks: _Acks) -> None:
         delivery = message.delivery
         assert isinstance(delivery, spec.Basic.Deliver)
         self._channel = message.channel
+        self._acks = acks
         self._props = message.header.properties
         self._tag: int = delivery.delivery_tag or 0
         self.body = message.body
@@ -92,7 +165,7 @@ class _AmqpDelivery:
 
     async def ack(self) -> None:
         try:
-            await self._channel.basic_ack(self._tag)
+            await self._acks.ack(self._tag)
         except _LOST_CHANNEL as exc:
             # The channel that delivered it is gone, so RabbitMQ has already put the
             # message back in its queue: it will be delivered again.
@@ -106,6 +179,7 @@ class _AmqpDelivery:
     async def reject(self, *, requeue: bool) -> None:
         try:
             await self._channel.basic_reject(self._tag, requeue=requeue)
+            self._acks.rejected(self._tag)
         except _LOST_CHANNEL as exc:
             logger.warning(
                 "could not reject message %s, it will be redelivered: %s",
@@ -152,11 +226,16 @@ class _Subscription:
         self.active = True
         self._context = contextvars.copy_context()
         self._running: set[asyncio.Task[None]] = set()
+        self._acks: _Acks | None = None
 
     async def _on_message(self, message: DeliveredMessage) -> None:
+        acks = self._acks
+        if acks is None or acks.channel is not message.channel:
+            # Delivery tags are per channel: a reopened channel starts a new count.
+            acks = self._acks = _Acks(message.channel)
         # A copy per task: tasks sharing one context would see each other's variables.
         task = asyncio.get_running_loop().create_task(
-            self.handler(_AmqpDelivery(message)), context=self._context.copy()
+            self.handler(_AmqpDelivery(message, acks)), context=self._context.copy()
         )
         self._running.add(task)
         task.add_done_callback(self._finished)
