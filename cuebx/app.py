@@ -147,7 +147,7 @@ class Cuebx:
     def task(self, *args: Any, **options: Any) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., ...)``.
 
-        Args:
+        Keyword Args:
             queue: the queue its messages go to (and the routing key that binds it).
             name: the task name in ``x-cuebx-task``; defaults to the function's name.
             retries: delays between attempts (``["30s", "5m"]``) or ``Retry(every=, times=)``.

@@ -9,7 +9,7 @@ The tree::
     ├── TopologyError               the broker refused a declaration
     │   └── TopologyConflictError   a queue exists with other arguments
     └── BrokerError                 talking to the broker failed
-        ├── BrokerUnavailableError  cannot connect, or the connection is gone too long
+        ├── BrokerUnavailableError  cannot connect, or not connected
         └── PublishError            a publish was not confirmed
             ├── UnroutableError     returned by the broker (mandatory flag): no queue bound
             ├── PublishTimeoutError no confirm within the publish timeout
@@ -61,7 +61,11 @@ class DuplicateTaskError(ConfigurationError):
 
 
 class ArgumentsError(CuebxError, TypeError):
-    """Arguments given to `.delay()` / `.apply_async()` do not fit the task's signature."""
+    """Arguments given to `.delay()`, `.apply_async()` or `.map()` do not fit the task.
+
+    Missing, extra or mistyped arguments, or arguments that encode to more than the app's
+    ``max_message_size``: nothing was published.
+    """
 
 
 class TopologyError(CuebxError):
@@ -73,6 +77,12 @@ class TopologyConflictError(TopologyError):
 
     RabbitMQ never changes the arguments of an existing queue: it closes the channel with
     PRECONDITION_FAILED. Delete the queue (losing its messages) or align the task options.
+
+    Attributes:
+        queue: the queue's name.
+        detail: what differs, e.g. "argument 'x-message-ttl': cuebx wants 1000, the
+            broker has 2000".
+        wanted: the arguments cuebx declares the queue with.
     """
 
     def __init__(self, queue: str, detail: str, wanted: Mapping[str, Any]) -> None:
@@ -129,7 +139,7 @@ class TaskSignal(Exception):
 
 
 class Retry(TaskSignal):
-    """Retry: raise it in a handler to retry now, or pass it as `retries=` for one tier.
+    """Retry: raise it in a handler to retry through the next tier, or pass it as `retries=`.
 
     As a retries spec, `Retry(every="1m", times=3)` means three retries through one
     `Q.retry.1m` tier. Raised from a handler, `raise Retry("rate limited")` retries the

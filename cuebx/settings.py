@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from typing import Any, cast
+from urllib.parse import urlsplit
 
+from cuebx.brokers.base import BROKER_SCHEMES, mask_url
 from cuebx.durations import Duration, to_seconds
 from cuebx.errors import ConfigurationError
 from cuebx.message import Codec, codec_for
@@ -128,8 +130,15 @@ class Settings:
             codec = codec_for(serializer)
         except ValueError as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
+        url = url or os.environ.get(URL_ENV) or DEFAULT_URL
+        scheme = urlsplit(url).scheme
+        if scheme not in BROKER_SCHEMES:
+            raise ConfigurationError(
+                f"{where}: broker URL {mask_url(url)!r} has scheme {scheme!r}; use one of: "
+                f"{', '.join(sorted(BROKER_SCHEMES))}"
+            )
         return cls(
-            url=url or os.environ.get(URL_ENV) or DEFAULT_URL,
+            url=url,
             exchange=exchange,
             queue_type=check_queue_type(queue_type, where),
             codec=codec,

@@ -49,7 +49,14 @@ TASK_OPTIONS = frozenset(
 
 @dataclass(frozen=True, slots=True)
 class TaskHandle:
-    """What `.delay()` returns: the id of the published message (the task id)."""
+    """What `.delay()` returns: the id of the published message (the task id).
+
+    Attributes:
+        id: the message id, the same on every attempt (``TaskContext.message_id``).
+        task_name: the task it runs.
+        queue: the queue it was published to.
+        correlation_id: the message's correlation id (its id unless the caller gave one).
+    """
 
     id: str
     task_name: str
@@ -329,6 +336,22 @@ class Task(Generic[P, R]):
         """Publish with message options: priority, extra headers, ids.
 
         Arguments are checked at run time (``apply_async`` cannot be typed like ``delay``).
+
+        Args:
+            args: positional arguments of the task.
+            kwargs: keyword arguments of the task.
+            countdown: not supported yet.
+            eta: not supported yet.
+            priority: the message priority (needs ``Cuebx(max_priority=N)``); defaults to
+                the task's ``priority=``.
+            headers: extra message headers, passed to the handler in ``TaskContext.headers``.
+            correlation_id: the correlation id; defaults to the message id.
+            message_id: the task id to use (your own idempotency key, say); a new one by
+                default.
+
+        Raises:
+            ArgumentsError: the arguments do not fit the task's signature.
+            PublishError: the broker did not confirm the message.
         """
         if countdown is not None or eta is not None:
             raise NotImplementedError(
@@ -350,9 +373,16 @@ class Task(Generic[P, R]):
     ) -> list[TaskHandle]:
         """Publish one message per item with pipelined confirms.
 
-        Each item is a tuple of positional arguments or a dict of keyword arguments.
+        Each item is a tuple of positional arguments or a dict of keyword arguments. Every
+        item is checked before anything is published.
+
+        Args:
+            arguments: the items.
+            window: how many confirms may be outstanding at once.
 
         Raises:
+            ArgumentsError: an item does not fit (its index is in the message); nothing
+                was published.
             BatchPublishError: some messages were not confirmed; it lists which.
         """
         return await self.publisher.publish_many(self, arguments, window=window)

@@ -23,6 +23,7 @@ __all__ = [
     "Delivery",
     "DeliveryHandler",
     "Subscription",
+    "BROKER_SCHEMES",
     "broker_for_url",
     "mask_url",
 ]
@@ -134,7 +135,7 @@ class Broker(Protocol):
         """Return up to `limit` ready messages of `queue`, in order, leaving them there."""
 
 
-_SCHEMES = {
+BROKER_SCHEMES = {
     "amqp": "cuebx.brokers.amqp:AmqpBroker",
     "amqps": "cuebx.brokers.amqp:AmqpBroker",
     "memory": "cuebx.brokers.memory:MemoryBroker",
@@ -145,11 +146,11 @@ def broker_for_url(url: str, **options: Any) -> Broker:
     """Build the broker for a URL by its scheme, importing its module only now."""
     scheme = urlsplit(url).scheme
     try:
-        module_name, _, attr = _SCHEMES[scheme].partition(":")
+        module_name, _, attr = BROKER_SCHEMES[scheme].partition(":")
     except KeyError:
         raise ValueError(
             f"broker URL {mask_url(url)!r} has scheme {scheme!r}; "
-            f"use one of: {', '.join(sorted(_SCHEMES))}"
+            f"use one of: {', '.join(sorted(BROKER_SCHEMES))}"
         ) from None
     factory = getattr(importlib.import_module(module_name), attr)
     broker: Broker = factory(url, **options)

@@ -124,3 +124,15 @@ def test_the_middleware_example_runs_on_its_own_and_prints_its_timings() -> None
         "invoice 3 from billing",
     ]
     assert len([line for line in lines if line.startswith("render_invoice took ")]) == 3
+
+
+def test_the_celery_migration_example_runs_on_its_own() -> None:
+    result = subprocess.run(
+        [sys.executable, "celery_migration.py"],
+        cwd=EXAMPLES,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "dead letter in orders.dlq: rejected {'order_id': -1}" in result.stdout

@@ -85,13 +85,15 @@ def test_an_app_can_be_given_its_broker_and_switch_brokers_publicly() -> None:
         ({"exchange": "amq.direct"}, "exchange must be a non-empty name not starting with 'amq.'"),
         ({"serializer": "pickle"}, "serializer 'pickle' is not supported"),
         ({"publish_timeout": "0s"}, "publish_timeout must be above zero"),
+        ({"url": "redis://u:secret@host/"}, "broker URL 'redis://u:***@host/' has scheme 'redis'"),
     ],
 )
 def test_app_options_are_checked_once_with_a_message_naming_them(
     options: dict[str, Any], message: str
 ) -> None:
+    url = options.pop("url", "memory://")
     with pytest.raises(ConfigurationError, match=re.escape(message)):
-        Cuebx("memory://", **options)
+        Cuebx(url, **options)
 
 
 def test_a_worker_refuses_a_prefetch_of_zero_instead_of_using_the_default() -> None:
