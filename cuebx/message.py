@@ -35,6 +35,7 @@ __all__ = [
     "Serializer",
     "codec_for",
     "dead_letter_copy",
+    "header_count",
     "is_model_type",
     "new_message_id",
     "retry_copy",
@@ -180,6 +181,15 @@ def codec_for_content_type(content_type: str | None) -> Codec | None:
     if exact is not None:
         return exact
     return _BY_CONTENT_TYPE.get(content_type.split(";", 1)[0].strip().lower())
+
+
+def header_count(value: Any) -> int:
+    """Read a count header (an attempt, a redelivery count): a non-negative int, else 0."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return 0
 
 
 def retry_copy(message: OutgoingMessage, attempt: int) -> OutgoingMessage:

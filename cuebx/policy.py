@@ -23,6 +23,7 @@ from cuebx.message import (
     Codec,
     DeadLetterReason,
     codec_for_content_type,
+    header_count,
 )
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "RetrySpec",
     "Run",
     "admit",
-    "header_count",
     "retry_delays",
 ]
 
@@ -97,15 +97,6 @@ class CountRedelivery:
 
 
 Admission = Run[T] | CountRedelivery | DeadLetter
-
-
-def header_count(value: Any) -> int:
-    """Read a count header (an attempt, a redelivery count): a non-negative int, else 0."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isdigit():
-        return int(value)
-    return 0
 
 
 def admit(

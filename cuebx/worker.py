@@ -37,11 +37,12 @@ from cuebx.message import (
     HEADER_TASK,
     OutgoingMessage,
     dead_letter_copy,
+    header_count,
     new_message_id,
     retry_copy,
 )
 from cuebx.middleware import Outcome, Received, Skip, Stack, notify
-from cuebx.policy import CountRedelivery, DeadLetter, RetryThrough, Run, admit, header_count
+from cuebx.policy import CountRedelivery, DeadLetter, RetryThrough, Run, admit
 from cuebx.settings import Settings, check_prefetch
 from cuebx.task import Task
 from cuebx.topology import QueueSpec, Topology

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import logging
 import re
 import time
@@ -36,7 +37,7 @@ from cuebx.errors import (
     TopologyError,
     UnroutableError,
 )
-from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage
+from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, header_count
 from cuebx.topology import Topology
 
 __all__ = ["AmqpBroker"]
@@ -173,7 +174,7 @@ class _AmqpDelivery:
                 "could not ack message %s, it will be redelivered: %s",
                 self.message_id,
                 exc,
-                extra=self._log_extra(),
+                extra=self.log_extra(),
             )
 
     async def reject(self, *, requeue: bool) -> None:
@@ -185,15 +186,16 @@ class _AmqpDelivery:
                 "could not reject message %s, it will be redelivered: %s",
                 self.message_id,
                 exc,
-                extra=self._log_extra(),
+                extra=self.log_extra(),
             )
 
-    def _log_extra(self) -> dict[str, Any]:
+    def log_extra(self) -> dict[str, Any]:
+        """The extras of a log record about this message: task, message_id, attempt."""
         headers = self.headers
         return {
             "task": headers.get(HEADER_TASK),
             "message_id": self.message_id,
-            "attempt": headers.get(HEADER_ATTEMPT, 0),
+            "attempt": header_count(headers.get(HEADER_ATTEMPT)),
         }
 
 
@@ -233,21 +235,24 @@ class _Subscription:
         if acks is None or acks.channel is not message.channel:
             # Delivery tags are per channel: a reopened channel starts a new count.
             acks = self._acks = _Acks(message.channel)
+        delivery = _AmqpDelivery(message, acks)
         # A copy per task: tasks sharing one context would see each other's variables.
         task = asyncio.get_running_loop().create_task(
-            self.handler(_AmqpDelivery(message, acks)), context=self._context.copy()
+            self.handler(delivery), context=self._context.copy()
         )
         self._running.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(functools.partial(self._finished, delivery))
 
-    def _finished(self, task: asyncio.Task[None]) -> None:
+    def _finished(self, delivery: _AmqpDelivery, task: asyncio.Task[None]) -> None:
         self._running.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
             logger.error(
-                "the handler of a delivery from %r failed; the message stays unacked until "
+                "the handler of message %s from %r failed; the message stays unacked until "
                 "the channel closes",
+                delivery.message_id,
                 self.queue,
                 exc_info=error,
+                extra=delivery.log_extra(),
             )
 
     def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
