@@ -12,16 +12,22 @@ Queues (all under the run's prefix, which is also the exchange name):
   consumed (the runner purges it between variants);
 - ``<prefix>.idle.0`` … ``<prefix>.idle.9``: tasks ``idle0`` … ``idle9`` for the idle-RSS
   benchmark.
+
+With ``CUEBX_BENCH_PLUGIN=1`` the app has `NoOpPlugin` installed: the "plugin" side of the
+benchmark, which shows what the extension seam costs when a plug-in is there.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from wire import (
     DATAGRAM,
+    ENV_PLUGIN,
     ENV_PREFIX,
     ENV_UDP,
     enqueue_queue,
@@ -30,14 +36,76 @@ from wire import (
     work_queue,
 )
 
-from cuebx import Cuebx
+from cuebx import Cuebx, Middleware, Outcome, Publish, Received
 
-__all__ = ["app", "build_app"]
+if TYPE_CHECKING:
+    from cuebx.message import DeadLetterReason
+    from cuebx.middleware import WorkerView
+
+__all__ = ["NoOpPlugin", "app", "build_app"]
 
 
-def build_app(prefix: str, udp: str, *, url: str | None = None) -> Cuebx:
-    """Build the benchmark app for one run: its exchange and queues are named by `prefix`."""
-    app = Cuebx(url, exchange=prefix, connection_name=f"cuebx benchmark {prefix}")
+class NoOpPlugin(Middleware):
+    """A plug-in that overrides every hook and does nothing in any of them.
+
+    cuebx skips a hook that a middleware does not override, so a middleware that overrides
+    nothing would measure nothing: this one makes the publish path and the worker call every
+    hook they have, with an empty body, which is the seam's own cost.
+    """
+
+    async def before_publish(self, publish: Publish) -> None:
+        return None
+
+    async def after_publish(self, publish: Publish, error: BaseException | None) -> None:
+        return None
+
+    async def on_worker_start(self, worker: WorkerView) -> None:
+        return None
+
+    async def on_worker_stop(self, worker: WorkerView) -> None:
+        return None
+
+    async def before_handler(self, received: Received) -> None:
+        return None
+
+    async def after_handler(self, received: Received, outcome: Outcome) -> None:
+        return None
+
+    async def on_retry(
+        self, received: Received, error: BaseException, *, attempt: int, delay: float
+    ) -> None:
+        return None
+
+    async def on_dead_letter(
+        self, received: Received, reason: DeadLetterReason, error: BaseException | str
+    ) -> None:
+        return None
+
+
+def _check_every_hook_overridden() -> None:
+    """Fail when `Middleware` has a hook `NoOpPlugin` misses: that hook would not be measured."""
+    missing = [
+        name
+        for name, hook in vars(Middleware).items()
+        if inspect.iscoroutinefunction(hook) and name not in vars(NoOpPlugin)
+    ]
+    if missing:
+        raise RuntimeError(f"bench_app.NoOpPlugin does not override {', '.join(missing)}")
+
+
+def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = False) -> Cuebx:
+    """Build the benchmark app for one run: its exchange and queues are named by `prefix`.
+
+    With `plugin`, `NoOpPlugin` is installed: same tasks, same queues, every hook called.
+    """
+    if plugin:
+        _check_every_hook_overridden()
+    app = Cuebx(
+        url,
+        exchange=prefix,
+        connection_name=f"cuebx benchmark {prefix}" + (" (no-op plug-in)" if plugin else ""),
+        middleware=[NoOpPlugin()] if plugin else (),
+    )
     address = parse_address(udp)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     pack = DATAGRAM.pack
@@ -66,4 +134,5 @@ def build_app(prefix: str, udp: str, *, url: str | None = None) -> Cuebx:
 app = build_app(
     os.environ.get(ENV_PREFIX, "bench.unset"),
     os.environ.get(ENV_UDP, "127.0.0.1:9"),
+    plugin=os.environ.get(ENV_PLUGIN) == "1",
 )

@@ -1,8 +1,9 @@
 """The pieces the benchmark runner and the profiler share.
 
 - `Collector`: a UDP socket read by a thread; handlers send one datagram per handled message.
-- `Child`: a worker subprocess (``cuebx worker`` or the floor consumer) with its CPU time and
-  memory read from ``/proc``, stopped by SIGTERM then SIGKILL, never left behind.
+- `Child`: a worker subprocess (``cuebx worker``, with or without the no-op plug-in, or the
+  floor consumer) with its CPU time and memory read from ``/proc``, stopped by SIGTERM then
+  SIGKILL, never left behind.
 - `Rabbit`: a bare aio-pika connection for the runner's own broker chores (counts, purges,
   deletes).
 - `FloorPublisher`: what a hand-written aio-pika publisher does: a channel with publisher
@@ -33,7 +34,7 @@ from typing import IO, Any
 import aio_pika
 import msgspec
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
-from wire import DATAGRAM, ENV_PREFIX, ENV_UDP
+from wire import DATAGRAM, ENV_PLUGIN, ENV_PREFIX, ENV_UDP
 
 from cuebx.brokers.base import mask_url
 
@@ -312,12 +313,14 @@ def stop_all_children() -> None:
         child.stop(within=5.0)
 
 
-def _child_env(prefix: str, udp: str, url: str) -> dict[str, str]:
+def _child_env(prefix: str, udp: str, url: str, *, plugin: bool = False) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
             ENV_PREFIX: prefix,
             ENV_UDP: udp,
+            # Always set, so a CUEBX_BENCH_PLUGIN left in the shell cannot change a side.
+            ENV_PLUGIN: "1" if plugin else "0",
             "CUEBX_BROKER_URL": url,
             "PYTHONPATH": os.pathsep.join(
                 p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p
@@ -328,14 +331,24 @@ def _child_env(prefix: str, udp: str, url: str) -> dict[str, str]:
 
 
 def cuebx_worker(
-    queues: list[str], *, prefix: str, udp: str, url: str, prefetch: int | None
+    queues: list[str],
+    *,
+    prefix: str,
+    udp: str,
+    url: str,
+    prefetch: int | None,
+    plugin: bool = False,
 ) -> Child:
-    """Start ``cuebx worker -A bench_app:app -Q <queues> [--prefetch N]``."""
+    """Start ``cuebx worker -A bench_app:app -Q <queues> [--prefetch N]``.
+
+    With `plugin`, the worker's app has ``bench_app.NoOpPlugin`` installed.
+    """
     argv = [str(VENV_BIN / "cuebx"), "worker", "-A", "bench_app:app", "-Q", ",".join(queues)]
     if prefetch is not None:
         argv += ["--prefetch", str(prefetch)]
     argv += ["--log-level", "WARNING"]
-    return Child("cuebx worker", argv, _child_env(prefix, udp, url))
+    name = "cuebx worker with the no-op plug-in" if plugin else "cuebx worker"
+    return Child(name, argv, _child_env(prefix, udp, url, plugin=plugin))
 
 
 def floor_consumer(

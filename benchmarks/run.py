@@ -1,12 +1,14 @@
 """Benchmark cuebx against a bare aio-pika floor on the local RabbitMQ.
 
     .venv/bin/python benchmarks/run.py [--n 20000] [--repeats 3] [--only enqueue,drain,...]
-                                       [--quick] [--url amqp://...]
+                                       [--sides cuebx,plugin,floor] [--quick] [--url amqp://...]
 
-Each repeat runs every benchmark once for cuebx and once for the floor, one after the other
-(A B A B ...), so both see the same machine. The table gives medians with min-max ranges,
-and cuebx/floor ratios from this run only; the JSON in benchmarks/results/latest.json keeps
-every sample. See benchmarks/README.md for what each number means.
+Three sides: cuebx, cuebx with one no-op plug-in installed ("plugin"), and the floor (bare
+aio-pika). Each repeat runs every benchmark once for each side, one right after the other,
+with the order rotated between repeats, so all of them see the same machine. The table gives
+medians with min-max ranges, and ratios between the sides from this run only; the JSON in
+benchmarks/results/latest.json keeps every sample. See benchmarks/README.md for what each
+number means.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from bench_app import build_app
 from harness import (
@@ -49,11 +51,12 @@ from harness import (
 )
 from wire import enqueue_queue, idle_queues, work_queue
 
-from cuebx import Cuebx
+from cuebx import Cuebx, Task
 
 BENCHMARKS = ("enqueue", "drain", "latency", "idle")
-Side = Literal["cuebx", "floor"]
-SIDES: tuple[Side, Side] = ("cuebx", "floor")
+#: cuebx as it is; cuebx with `bench_app.NoOpPlugin` installed; bare aio-pika.
+Side = Literal["cuebx", "plugin", "floor"]
+SIDES: tuple[Side, ...] = get_args(Side)
 
 CONCURRENCY = 100  # concurrent delay() callers / floor publishers
 MAP_WINDOW = 256  # Task.map's default window
@@ -74,7 +77,7 @@ class Metric:
     floor: str  # what the floor side is
     compare: Literal["ratio", "diff"] = "ratio"
     target: str = ""
-    check: Callable[[float, float], bool] | None = None  # (cuebx median, floor median)
+    check: Callable[[float, float], bool] | None = None  # (a cuebx side's median, floor median)
     digits: int = 0
 
 
@@ -130,8 +133,8 @@ def _metrics(n: int, awaited_n: int, latency_seconds: float) -> list[Metric]:
             f"drain: {n:,} preloaded, first→last handled, prefetch {PREFETCH}",
             "msg/s",
             "aio-pika consumer, manual ack",
-            target="≥ 0.9x",
-            check=lambda c, f: c >= 0.9 * f,
+            target="≥ 1.0x",
+            check=lambda c, f: c >= f,
         ),
         Metric("drain.wall", "drain: process start → last handled", "s", "same", digits=2),
         Metric("drain.cpu", "drain: worker CPU, first→last handled", "s", "same", digits=2),
@@ -189,7 +192,22 @@ class Config:
     awaited_n: int
     repeats: int
     only: tuple[str, ...]
+    sides: tuple[Side, ...]
     latency_seconds: float
+
+
+def side_order(sides: tuple[Side, ...], repeat: int) -> tuple[Side, ...]:
+    """The order the sides run in during `repeat` (1-based).
+
+    Each side goes first in turn (A B C, B C A, C A B), and every other cycle runs the other
+    way round (A C B, C B A, B A C), so over 2 * len(sides) repeats every side follows every
+    other one equally often: no side always gets another's leftovers (a busier broker, a disk
+    still flushing). With two sides this is A B, B A, A B, ...
+    """
+    count = len(sides)
+    cycle, turn = divmod(repeat - 1, count)
+    base = sides if cycle % 2 == 0 else (*sides[:1], *reversed(sides[1:]))
+    return (*base[turn:], *base[:turn])
 
 
 @dataclass
@@ -198,11 +216,12 @@ class Bench:
 
     config: Config
     prefix: str
-    app: Cuebx
+    apps: dict[Side, Cuebx]  # the runner's publishing app of each cuebx side
     rabbit: Rabbit
     floor: FloorPublisher
     collector: Collector
     samples: dict[str, dict[Side, list[float]]] = field(default_factory=dict)
+    orders: list[tuple[Side, ...]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     async def settle(self, what: str) -> None:
@@ -213,18 +232,14 @@ class Bench:
             print(f"    note: {note}", file=sys.stderr, flush=True)
 
     def record(self, key: str, side: Side, value: float, unit: str) -> None:
-        self.samples.setdefault(key, {"cuebx": [], "floor": []})[side].append(value)
+        self.samples.setdefault(key, {s: [] for s in self.config.sides})[side].append(value)
         print(f"    {key:<20} {side:<6} {value:>12,.2f} {unit}", file=sys.stderr, flush=True)
 
     def worker(self, side: Side, queues: list[str], prefetch: int | None) -> Child:
-        start = cuebx_worker if side == "cuebx" else floor_consumer
-        return start(
-            queues,
-            prefix=self.prefix,
-            udp=self.collector.address,
-            url=self.config.url,
-            prefetch=prefetch,
-        )
+        where = {"prefix": self.prefix, "udp": self.collector.address, "url": self.config.url}
+        if side == "floor":
+            return floor_consumer(queues, prefetch=prefetch, **where)
+        return cuebx_worker(queues, prefetch=prefetch, plugin=side == "plugin", **where)
 
 
 async def within(seconds: float, what: str, work: Awaitable[Any]) -> Any:
@@ -272,37 +287,53 @@ async def _enqueue_variant(
     bench.record(f"{key}.cpu", side, cpu / n * 1e6, "µs")
 
 
-async def bench_enqueue(bench: Bench, order: tuple[Side, Side]) -> None:
-    """delay() awaited / 100 concurrent delay() / map(), each next to its floor."""
-    n, awaited_n = bench.config.n, bench.config.awaited_n
-    queue = enqueue_queue(bench.prefix)
-    noop = bench.app.tasks["noop"]
-    floor = bench.floor
-    items = [(i, 0.0) for i in range(n)]
+Publishers = dict[str, Callable[[], Awaitable[Any]]]  # enqueue variant -> publish all
 
-    async def cuebx_awaited() -> None:
+
+def _cuebx_publishers(noop: Task[Any, Any], n: int, awaited_n: int) -> Publishers:
+    items = [(i, 0.0) for i in range(n)]  # built before the clock starts
+
+    async def awaited() -> None:
         for i in range(awaited_n):
             await noop.delay(i, 0.0)
 
-    async def floor_awaited() -> None:
+    return {
+        "enqueue.awaited": awaited,
+        "enqueue.concurrent": lambda: _lanes(n, lambda i: noop.delay(i, 0.0)),
+        "enqueue.map": lambda: noop.map(items),
+    }
+
+
+def _floor_publishers(floor: FloorPublisher, queue: str, n: int, awaited_n: int) -> Publishers:
+    async def awaited() -> None:
         for i in range(awaited_n):
             await floor.publish(queue, "noop", i, 0.0)
 
-    def floor_pipelined() -> Awaitable[None]:
+    def pipelined() -> Awaitable[None]:
         return _lanes(n, lambda i: floor.publish(queue, "noop", i, 0.0))
 
-    variants: list[tuple[str, int, dict[Side, Callable[[], Awaitable[Any]]]]] = [
-        ("enqueue.awaited", awaited_n, {"cuebx": cuebx_awaited, "floor": floor_awaited}),
-        (
-            "enqueue.concurrent",
-            n,
-            {"cuebx": lambda: _lanes(n, lambda i: noop.delay(i, 0.0)), "floor": floor_pipelined},
-        ),
-        ("enqueue.map", n, {"cuebx": lambda: noop.map(items), "floor": floor_pipelined}),
-    ]
-    for key, count, publishers in variants:
+    return {"enqueue.awaited": awaited, "enqueue.concurrent": pipelined, "enqueue.map": pipelined}
+
+
+async def bench_enqueue(bench: Bench, order: tuple[Side, ...]) -> None:
+    """delay() awaited / 100 concurrent delay() / map(), each next to its floor."""
+    n, awaited_n = bench.config.n, bench.config.awaited_n
+    queue = enqueue_queue(bench.prefix)
+    publishers: dict[Side, Publishers] = {
+        side: (
+            _floor_publishers(bench.floor, queue, n, awaited_n)
+            if side == "floor"
+            else _cuebx_publishers(bench.apps[side].tasks["noop"], n, awaited_n)
+        )
+        for side in order
+    }
+    for key, count in (
+        ("enqueue.awaited", awaited_n),
+        ("enqueue.concurrent", n),
+        ("enqueue.map", n),
+    ):
         for side in order:
-            await _enqueue_variant(bench, key, side, count, publishers[side])
+            await _enqueue_variant(bench, key, side, count, publishers[side][key])
 
 
 # -- drain ------------------------------------------------------------------------------------
@@ -431,10 +462,10 @@ async def latency_once(bench: Bench, side: Side) -> None:
     await bench.rabbit.purge(queue)
     warm = int(LATENCY_RATE * WARM_UP_SECONDS)
     n = int(LATENCY_RATE * bench.config.latency_seconds)
-    work = bench.app.tasks["work"]
+    work = None if side == "floor" else bench.apps[side].tasks["work"]
 
     async def publish(i: int) -> None:
-        if side == "cuebx":
+        if work is not None:
             await work.delay(i, time.time())
         else:
             await bench.floor.publish(queue, "work", i, time.time())
@@ -489,9 +520,8 @@ async def idle_once(bench: Bench, side: Side) -> None:
 async def run_benchmarks(bench: Bench) -> None:
     config = bench.config
     for repeat in range(1, config.repeats + 1):
-        # Alternate who goes first (A B, then B A, ...) so neither side always follows the
-        # other's leftovers (a busier broker, a disk still flushing).
-        order = SIDES if repeat % 2 else (SIDES[1], SIDES[0])
+        order = side_order(config.sides, repeat)
+        bench.orders.append(order)
         print(f"repeat {repeat}/{config.repeats}: {' then '.join(order)}", file=sys.stderr)
         if "enqueue" in config.only:
             await bench_enqueue(bench, order)
@@ -501,12 +531,18 @@ async def run_benchmarks(bench: Bench) -> None:
                     await once(bench, side)
 
 
-async def main_async(config: Config) -> tuple[dict[str, Any], list[str]]:
+async def main_async(config: Config) -> Bench:
     prefix = f"bench.{uuid.uuid4().hex[:12]}"
     rabbit = await Rabbit.connect(config.url, f"cuebx benchmark runner {prefix}")
     collector = Collector()
     collector.start()
-    app = build_app(prefix, collector.address, url=config.url)
+    # One publishing app per cuebx side, on the same exchange and queues; "cuebx" is always
+    # there and its topology names what to delete at the end.
+    apps: dict[Side, Cuebx] = {
+        side: build_app(prefix, collector.address, url=config.url, plugin=side == "plugin")
+        for side in config.sides
+        if side != "floor"
+    }
     floor: FloorPublisher | None = None
     print(f"run {prefix}: queues {prefix}.*", file=sys.stderr, flush=True)
     # SIGTERM cleans up like Ctrl-C does (asyncio.Runner turns SIGINT into a cancellation).
@@ -514,18 +550,20 @@ async def main_async(config: Config) -> tuple[dict[str, Any], list[str]]:
     assert main_task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     try:
-        await within(30, "connecting the cuebx app and declaring its topology", app.connect())
+        for side, app in apps.items():
+            await within(30, f"connecting the {side} app and declaring its topology", app.connect())
         floor = await FloorPublisher.connect(config.url, prefix)
-        bench = Bench(config, prefix, app, rabbit, floor, collector)
+        bench = Bench(config, prefix, apps, rabbit, floor, collector)
         await run_benchmarks(bench)
-        return bench.samples, bench.notes
+        return bench
     finally:
         stop_all_children()
-        with contextlib.suppress(Exception):
-            await within(30, "closing the cuebx app", app.close())
+        for side, app in apps.items():
+            with contextlib.suppress(Exception):
+                await within(30, f"closing the {side} app", app.close())
         if floor is not None:
             await floor.close()
-        queues = [q.name for q in app.topology().queues]
+        queues = [q.name for q in apps["cuebx"].topology().queues]
         failed = await rabbit.delete(queues, prefix)
         await rabbit.close()
         collector.stop()
@@ -597,38 +635,55 @@ def _summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _compare(metric: Metric, cuebx: float, floor: float) -> float:
-    return cuebx - floor if metric.compare == "diff" else cuebx / floor
+def _compare(metric: Metric, side: float, other: float) -> float:
+    return side - other if metric.compare == "diff" else side / other
+
+
+def _versus(metric: Metric, side: list[float], other: list[float]) -> dict[str, Any]:
+    """`side` against `other`: of the medians, and repeat by repeat (the same round's samples)."""
+    return {
+        "of_medians": _compare(metric, statistics.median(side), statistics.median(other)),
+        "paired": [_compare(metric, s, o) for s, o in zip(side, other, strict=False)],
+    }
+
+
+def _judge(metric: Metric, side: list[float], floor: list[float]) -> bool | None:
+    if metric.check is None:
+        return None
+    return metric.check(statistics.median(side), statistics.median(floor))
 
 
 def summarise(
     metrics: list[Metric], samples: dict[str, dict[Side, list[float]]]
 ) -> list[dict[str, Any]]:
+    """One row per metric with samples: each side's summary and the comparisons between them.
+
+    ``of_medians``, ``paired`` and ``met`` compare cuebx with the floor; ``plugin_vs_cuebx``,
+    ``plugin_vs_floor`` and ``plugin_met`` the side with the no-op plug-in.
+    """
     rows = []
     for metric in metrics:
-        sides = samples.get(metric.key)
-        if not sides or not sides["cuebx"] or not sides["floor"]:
+        sides = {side: values for side, values in samples.get(metric.key, {}).items() if values}
+        if "cuebx" not in sides:
             continue
-        cuebx, floor = _summary(sides["cuebx"]), _summary(sides["floor"])
-        paired = [
-            _compare(metric, c, f) for c, f in zip(sides["cuebx"], sides["floor"], strict=False)
-        ]
-        met = None if metric.check is None else metric.check(cuebx["median"], floor["median"])
-        rows.append(
-            {
-                "key": metric.key,
-                "title": metric.title,
-                "unit": metric.unit,
-                "floor_is": metric.floor,
-                "cuebx": cuebx,
-                "floor": floor,
-                "comparison": metric.compare,
-                "of_medians": _compare(metric, cuebx["median"], floor["median"]),
-                "paired": paired,
-                "target": metric.target,
-                "met": met,
-            }
-        )
+        row: dict[str, Any] = {
+            "key": metric.key,
+            "title": metric.title,
+            "unit": metric.unit,
+            "floor_is": metric.floor,
+            "comparison": metric.compare,
+            "target": metric.target,
+        }
+        row.update({side: _summary(values) for side, values in sides.items()})
+        cuebx, plugin, floor = sides["cuebx"], sides.get("plugin"), sides.get("floor")
+        if floor:
+            row.update(_versus(metric, cuebx, floor), met=_judge(metric, cuebx, floor))
+        if plugin:
+            row["plugin_vs_cuebx"] = _versus(metric, plugin, cuebx)
+        if plugin and floor:
+            row["plugin_vs_floor"] = _versus(metric, plugin, floor)
+            row["plugin_met"] = _judge(metric, plugin, floor)
+        rows.append(row)
     return rows
 
 
@@ -643,30 +698,75 @@ def _cell(summary: dict[str, Any], digits: int, repeats: int) -> str:
     return f"{median} ({_number(summary['min'], digits)}-{_number(summary['max'], digits)})"
 
 
-def _comparison_cell(row: dict[str, Any]) -> str:
-    if row["comparison"] == "diff":
-        low, high = min(row["paired"]), max(row["paired"])
-        text = f"{row['of_medians']:+.2f} ms"
-        return text if len(row["paired"]) < 2 else f"{text} ({low:+.2f}…{high:+.2f})"
-    low, high = min(row["paired"]), max(row["paired"])
-    text = f"{row['of_medians']:.2f}x"
-    return text if len(row["paired"]) < 2 else f"{text} ({low:.2f}-{high:.2f})"
+def _versus_cell(versus: dict[str, Any], comparison: str) -> str:
+    paired, of_medians = versus["paired"], versus["of_medians"]
+    low, high = min(paired), max(paired)
+    if comparison == "diff":
+        text = f"{of_medians:+.2f} ms"
+        return text if len(paired) < 2 else f"{text} ({low:+.2f}…{high:+.2f})"
+    text = f"{of_medians:.2f}x"
+    return text if len(paired) < 2 else f"{text} ({low:.2f}-{high:.2f})"
 
 
-def markdown(rows: list[dict[str, Any]], metrics: list[Metric], repeats: int) -> str:
+def _met_cell(met: bool | None) -> str:
+    return {True: "yes", False: "**no**", None: ""}[met]
+
+
+Cell = Callable[[dict[str, Any], int], str]  # (row, digits) -> text
+
+
+def _columns(sides: tuple[Side, ...], repeats: int) -> list[tuple[str, str, Cell]]:
+    """The table's columns for the sides that ran: (header, alignment, cell)."""
+    columns: list[tuple[str, str, Cell]] = [
+        ("benchmark", "---", lambda row, d: row["title"]),
+        ("unit", "---", lambda row, d: row["unit"]),
+        ("cuebx", "---:", lambda row, d: _cell(row["cuebx"], d, repeats)),
+    ]
+    plugin, floor = "plugin" in sides, "floor" in sides
+    if floor:
+        columns += [
+            ("floor", "---:", lambda row, d: _cell(row["floor"], d, repeats)),
+            ("cuebx vs floor", "---:", lambda row, d: _versus_cell(row, row["comparison"])),
+        ]
+    if plugin:
+        columns += [
+            ("with no-op plug-in", "---:", lambda row, d: _cell(row["plugin"], d, repeats)),
+            (
+                "plug-in vs cuebx",
+                "---:",
+                lambda row, d: _versus_cell(row["plugin_vs_cuebx"], row["comparison"]),
+            ),
+        ]
+    if plugin and floor:
+        columns.append(
+            (
+                "plug-in vs floor",
+                "---:",
+                lambda row, d: (
+                    _versus_cell(row["plugin_vs_floor"], row["comparison"]) if row["target"] else ""
+                ),
+            )
+        )
+    if floor:
+        columns += [
+            ("target", "---", lambda row, d: row["target"]),
+            ("met", "---", lambda row, d: _met_cell(row["met"])),
+        ]
+    if plugin and floor:
+        columns.append(("met with plug-in", "---", lambda row, d: _met_cell(row["plugin_met"])))
+    return columns
+
+
+def markdown(rows: list[dict[str, Any]], metrics: list[Metric], config: Config) -> str:
     digits = {m.key: m.digits for m in metrics}
+    columns = _columns(config.sides, config.repeats)
     lines = [
-        "| benchmark | unit | cuebx | floor | cuebx vs floor | target | met |",
-        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+        "| " + " | ".join(header for header, _, _ in columns) + " |",
+        "| " + " | ".join(align for _, align, _ in columns) + " |",
     ]
     for row in rows:
         d = digits[row["key"]]
-        met = {True: "yes", False: "**no**", None: ""}[row["met"]]
-        lines.append(
-            f"| {row['title']} | {row['unit']} | {_cell(row['cuebx'], d, repeats)} | "
-            f"{_cell(row['floor'], d, repeats)} | {_comparison_cell(row)} | {row['target']} | "
-            f"{met} |"
-        )
+        lines.append("| " + " | ".join(cell(row, d) for _, _, cell in columns) + " |")
     return "\n".join(lines)
 
 
@@ -676,8 +776,15 @@ def markdown(rows: list[dict[str, Any]], metrics: list[Metric], repeats: int) ->
 def parse_config(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, help="messages per enqueue/drain variant (20000)")
-    parser.add_argument("--repeats", type=int, help="cuebx/floor pairs per benchmark (3)")
+    parser.add_argument(
+        "--repeats", type=int, help="rounds per benchmark, each side once per round (3)"
+    )
     parser.add_argument("--only", default=",".join(BENCHMARKS), help=",".join(BENCHMARKS))
+    parser.add_argument(
+        "--sides",
+        default=",".join(SIDES),
+        help="cuebx (always), plugin (cuebx with one no-op plug-in), floor (bare aio-pika)",
+    )
     parser.add_argument("--quick", action="store_true", help="n=2000, 1 repeat, 3 s latency")
     parser.add_argument(
         "--url",
@@ -688,6 +795,10 @@ def parse_config(argv: list[str] | None = None) -> Config:
     unknown = sorted(set(only) - set(BENCHMARKS))
     if unknown:
         parser.error(f"--only: unknown benchmark(s) {', '.join(unknown)}; use {BENCHMARKS}")
+    chosen = {name.strip() for name in options.sides.split(",") if name.strip()}
+    if chosen - set(SIDES) or "cuebx" not in chosen:
+        parser.error(f"--sides: cuebx and any of plugin, floor; got {options.sides!r}")
+    sides = tuple(side for side in SIDES if side in chosen)  # always in SIDES's order
     n = options.n or (2000 if options.quick else 20_000)
     repeats = options.repeats or (1 if options.quick else 3)
     if n < 100 or repeats < 1:
@@ -698,6 +809,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         awaited_n=max(100, n // 5),
         repeats=repeats,
         only=only,
+        sides=sides,
         latency_seconds=3.0 if options.quick else 10.0,
     )
 
@@ -707,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = machine()
     started = time.monotonic()
     try:
-        samples, notes = run_loop(main_async(config))
+        bench: Bench = run_loop(main_async(config))
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("interrupted: workers stopped, queues deleted", file=sys.stderr)
         return 130
@@ -718,19 +830,29 @@ def main(argv: list[str] | None = None) -> int:
     meta["io_pressure_end"] = io_pressure()
     meta["duration_s"] = round(time.monotonic() - started, 1)
     metrics = _metrics(config.n, config.awaited_n, config.latency_seconds)
-    rows = summarise(metrics, samples)
-    table = markdown(rows, metrics, config.repeats)
+    rows = summarise(metrics, bench.samples)
+    table = markdown(rows, metrics, config)
     results = BENCH_DIR / "results"
     results.mkdir(exist_ok=True)
     out = results / "latest.json"
     config_json = {k: v for k, v in vars(config).items() if k != "url"}
-    report = {"machine": meta, "config": config_json, "rows": rows, "notes": notes}
+    report = {
+        "machine": meta,
+        "config": config_json,
+        "orders": bench.orders,  # the sides' order in each repeat
+        "rows": rows,
+        "notes": bench.notes,
+    }
     out.write_text(json.dumps(report, indent=2))
     print(table)
-    for note in notes:
+    for note in bench.notes:
         print(f"\nnote: {note}")
     print(
-        f"\n{meta['date']} · {meta['nproc']} CPUs, {meta['cpu']} · Python {meta['python']} · "
+        f"\nmedians of {config.repeats} interleaved round(s) of {', '.join(config.sides)}; "
+        + " / ".join(" ".join(order) for order in bench.orders)
+    )
+    print(
+        f"{meta['date']} · {meta['nproc']} CPUs, {meta['cpu']} · Python {meta['python']} · "
         f"RabbitMQ {meta['rabbitmq']} · "
         + " · ".join(f"{k} {v}" for k, v in meta["packages"].items())
         + f" · {meta['event_loop']} · load average {meta['loadavg_start'][0]:.2f} → "

@@ -10,6 +10,7 @@ import struct
 
 __all__ = [
     "DATAGRAM",
+    "ENV_PLUGIN",
     "ENV_PREFIX",
     "ENV_UDP",
     "IDLE_QUEUES",
@@ -21,6 +22,8 @@ __all__ = [
 
 ENV_PREFIX = "CUEBX_BENCH_PREFIX"
 ENV_UDP = "CUEBX_BENCH_UDP"
+#: "1": the worker's app has the no-op plug-in (``bench_app.NoOpPlugin``) installed.
+ENV_PLUGIN = "CUEBX_BENCH_PLUGIN"
 IDLE_QUEUES = 10
 
 #: One datagram per handled message: the task's ``i``, its ``sent`` argument (the publish
