@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from click.testing import CliRunner
 
@@ -91,3 +93,10 @@ def test_options_errors_may_be_lookup_or_value_errors() -> None:
     assert one_line_error(ExceptionGroup("g", [LookupError("no queue 'x'")]), expected) == (
         "no queue 'x'"
     )
+
+
+def test_the_help_shown_in_docs_cli_md_is_the_real_one() -> None:
+    docs = (Path(__file__).parents[2] / "docs" / "cli.md").read_text()
+    shown = docs.split("```console\n$ cuebx --help\n", 1)[1].split("```", 1)[0]
+    result = CliRunner().invoke(main, ["--help"], prog_name="cuebx", terminal_width=80)
+    assert result.output == shown
