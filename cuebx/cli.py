@@ -12,13 +12,14 @@ from typing import Any
 import anyio
 import click
 
+from cuebx import __version__
 from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
 from cuebx.errors import CuebxError
 from cuebx.worker import Worker
 
-__all__ = ["load_app", "main"]
+__all__ = ["load_app", "main", "one_line_error"]
 
 logger = logging.getLogger("cuebx.cli")
 
@@ -65,22 +66,56 @@ def load_app(path: str) -> Cuebx:
     return next(iter(apps.values()))
 
 
-@click.group()
-@click.version_option(package_name="cuebx")
+_BROKER_URL_HELP = (
+    "The broker URL is the app's own: Cuebx(url) in the module, or CUEBX_BROKER_URL when "
+    "Cuebx() is given no URL (the command line does not read it itself)."
+)
+
+# The app to load, for every command: -A, or CUEBX_APP when -A is not given.
+_app_option = click.option(
+    "-A",
+    "--app",
+    "app_path",
+    required=True,
+    envvar="CUEBX_APP",
+    show_envvar=True,
+    help="module[:attribute] of the app.",
+)
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=f"Environment: CUEBX_APP stands for -A. {_BROKER_URL_HELP}",
+)
+@click.version_option(__version__, prog_name="cuebx")
 def main() -> None:
-    """cuebx: background tasks native to RabbitMQ."""
+    """cuebx: background tasks native to RabbitMQ.
+
+    \b
+    Examples:
+      cuebx worker -A myapp                       run the tasks of ./myapp.py
+      cuebx worker -A shop.tasks:app -Q emails    consume one queue only
+      CUEBX_APP=shop.tasks cuebx worker -l debug  the app from the environment
+      cuebx topology -A myapp                     print what the app declares
+      cuebx worker -h                             the worker's options
+    """
 
 
-@main.command()
-@click.option("-A", "--app", "app_path", required=True, help="module[:attribute] of the app.")
+@main.command(epilog=_BROKER_URL_HELP)
+@_app_option
 @click.option("-Q", "--queues", help="Comma-separated queues to consume (default: all).")
 @click.option("--prefetch", type=click.IntRange(min=1), help="Prefetch for every queue.")
 @click.option("--shutdown-timeout", help="How long running handlers may finish on stop: 30s.")
 @click.option(
+    "-l",
     "--log-level",
+    "--loglevel",
+    "log_level",
     default="INFO",
     show_default=True,
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    metavar="LEVEL",
+    help="DEBUG, INFO, WARNING or ERROR (any case); logs go to stderr.",
 )
 def worker(
     app_path: str,
@@ -89,7 +124,15 @@ def worker(
     shutdown_timeout: str | None,
     log_level: str,
 ) -> None:
-    """Declare the topology and run tasks until SIGINT or SIGTERM."""
+    """Declare the topology and run tasks until SIGINT or SIGTERM.
+
+    \b
+    Examples:
+      cuebx worker -A myapp
+      cuebx worker -A shop.tasks:app -Q emails,webhooks --prefetch 20
+      cuebx worker -A shop.tasks -Q reports --prefetch 2 --shutdown-timeout 2m
+      CUEBX_BROKER_URL=amqp://app:secret@rabbitmq:5672/prod cuebx worker -A shop.tasks
+    """
     logging.basicConfig(
         level=log_level.upper(),
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
@@ -111,15 +154,44 @@ def worker(
             else to_seconds(shutdown_timeout, what="--shutdown-timeout")
         )
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
-    except (LookupError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    except (LookupError, ValueError, BaseExceptionGroup) as exc:
+        raise _click_error(exc, (LookupError, ValueError)) from None
     logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
     for queue in built.queues:
         logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
     try:
         anyio.run(_run_worker, app, built, backend_options=_backend_options())
-    except CuebxError as exc:
-        raise click.ClickException(str(exc)) from None
+    except (CuebxError, BaseExceptionGroup) as exc:
+        # A task group wraps what failed inside it (a consumer the broker refused) in an
+        # exception group, nested once per task group it went through.
+        raise _click_error(exc, CuebxError) from None
+
+
+def _click_error(
+    exc: BaseException, expected: type[BaseException] | tuple[type[BaseException], ...]
+) -> click.ClickException:
+    """The one ``Error:`` line for `exc`; re-raise `exc` itself if it holds anything unexpected."""
+    message = one_line_error(exc, expected)
+    if message is None:
+        raise exc
+    return click.ClickException(message)
+
+
+def one_line_error(
+    exc: BaseException, expected: type[BaseException] | tuple[type[BaseException], ...]
+) -> str | None:
+    """Say in one line what went wrong, if every error in `exc` is one of `expected`.
+
+    Exception groups, however nested, are looked through: the messages of their errors are
+    joined with "; " (each once). Anything unexpected gives None, so that the caller lets it
+    reach the user with its traceback.
+    """
+    if not isinstance(exc, BaseExceptionGroup):
+        return str(exc) if isinstance(exc, expected) else None
+    messages = [one_line_error(inner, expected) for inner in exc.exceptions]
+    if None in messages:
+        return None
+    return "; ".join(dict.fromkeys(m for m in messages if m is not None))
 
 
 async def _run_worker(app: Cuebx, worker: Worker) -> None:
@@ -155,7 +227,7 @@ def _backend_options() -> dict[str, Any]:
 
 
 @main.command()
-@click.option("-A", "--app", "app_path", required=True, help="module[:attribute] of the app.")
+@_app_option
 def topology(app_path: str) -> None:
     """Print the exchange, queues and arguments the app declares (no broker needed)."""
     # Imported here: a worker process never needs rich (2 MB and ~25 ms of start-up).

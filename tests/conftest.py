@@ -258,3 +258,18 @@ async def wait_for(
                 await anyio.sleep(0.01)
     except TimeoutError:
         pytest.fail(f"timed out after {timeout}s waiting for {what or condition}")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that talks to RabbitMQ ``rabbitmq``: ``-m "not rabbitmq"`` runs the rest.
+
+    A test needs RabbitMQ when its fixture closure holds `rabbitmq_url` (directly or through
+    `make_rabbit_app`, `amqp`, ...), or when it is the RabbitMQ case of the `broker_url`
+    suite, which asks for `rabbitmq_url` only at run time. Tests that need the broker some
+    other way (a subprocess given its URL without the fixture) carry the mark themselves.
+    """
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        on_rabbitmq = callspec is not None and callspec.params.get("broker_url") == "rabbitmq"
+        if on_rabbitmq or "rabbitmq_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.rabbitmq)

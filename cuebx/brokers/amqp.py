@@ -591,6 +591,10 @@ class AmqpBroker:
                 await subscription.close()
             if isinstance(exc, aiormq.exceptions.ChannelNotFoundEntity):
                 raise TopologyError(f"cannot consume queue {queue!r}: it does not exist") from None
+            if isinstance(exc, aiormq.exceptions.ChannelClosed):
+                # RabbitMQ refused basic.consume: another connection's exclusive consumer
+                # (ACCESS_REFUSED), an exclusive queue (RESOURCE_LOCKED), permissions.
+                raise TopologyError(f"cannot consume queue {queue!r}: {_reply_text(exc)}") from None
             raise
         self._subscriptions.add(subscription)
         return subscription

@@ -1,4 +1,5 @@
-"""The ``cuebx`` command as a user runs it: a real subprocess against the real broker."""
+"""The ``cuebx`` command as a user runs it: a real subprocess, against the real broker where
+the command needs one (those tests take `broker_env`, so they are marked ``rabbitmq``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
-from tests.conftest import AppFactory, wait_for
+import cuebx
+from tests.conftest import AppFactory, Raw, wait_for
 
 CUEBX = [sys.executable, "-m", "cuebx"]
 
@@ -38,22 +41,34 @@ APP_MODULE = textwrap.dedent(
 )
 
 
+# Nothing answers on port 1: a command that should not need a broker fails if it tries one.
+NO_BROKER_URL = "amqp://guest:guest@127.0.0.1:1/"
+
+
 @pytest.fixture
-def project(tmp_path: Path, prefix: str, rabbitmq_url: str) -> dict[str, str]:
+def project(tmp_path: Path, prefix: str) -> dict[str, str]:
+    """App modules in `tmp_path` and the environment to run ``cuebx`` there, without a broker."""
     (tmp_path / "cliapp.py").write_text(APP_MODULE)
     (tmp_path / "emptyapp.py").write_text("from cuebx import Cuebx\n\napp = Cuebx()\n")
     (tmp_path / "badoption.py").write_text(
         "from cuebx import Cuebx\n\napp = Cuebx()\n\n\n"
         "@app.task(queue='q', retries=['soon'])\nasync def job() -> None: ...\n"
     )
+    env = {k: v for k, v in os.environ.items() if k != "CUEBX_APP"}
     return {
-        **os.environ,
-        "CUEBX_BROKER_URL": rabbitmq_url,
+        **env,
+        "CUEBX_BROKER_URL": NO_BROKER_URL,
         "TEST_OUT": str(tmp_path / "out.txt"),
         "TEST_QUEUE": f"{prefix}.cli",
         "TEST_CONNECTION": f"{prefix}-worker",
         "PYTHONPATH": str(Path.cwd()),
     }
+
+
+@pytest.fixture
+def broker_env(project: dict[str, str], rabbitmq_url: str) -> dict[str, str]:
+    """The `project` environment with the real broker's URL."""
+    return {**project, "CUEBX_BROKER_URL": rabbitmq_url}
 
 
 def _cuebx(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -69,7 +84,7 @@ def _lines(path: Path) -> list[str]:
 
 @pytest.mark.anyio
 async def test_cuebx_worker_runs_published_tasks_and_exits_zero_on_sigterm(
-    make_rabbit_app: AppFactory, prefix: str, project: dict[str, str], tmp_path: Path
+    make_rabbit_app: AppFactory, prefix: str, broker_env: dict[str, str], tmp_path: Path
 ) -> None:
     producer = make_rabbit_app()
 
@@ -84,7 +99,7 @@ async def test_cuebx_worker_runs_published_tasks_and_exits_zero_on_sigterm(
         process = subprocess.Popen(
             [*CUEBX, "worker", "-A", "cliapp", "--prefetch", "4"],
             cwd=tmp_path,
-            env=project,
+            env=broker_env,
             stderr=stderr,
             stdout=stderr,
         )
@@ -113,8 +128,7 @@ async def test_cuebx_worker_runs_published_tasks_and_exits_zero_on_sigterm(
 def test_cuebx_topology_prints_the_declarations_without_a_broker(
     project: dict[str, str], tmp_path: Path, prefix: str
 ) -> None:
-    env = {**project, "CUEBX_BROKER_URL": "amqp://guest:guest@127.0.0.1:1/"}
-    result = _cuebx("topology", "-A", "cliapp:app", cwd=tmp_path, env=env)
+    result = _cuebx("topology", "-A", "cliapp:app", cwd=tmp_path, env=project)
     assert result.returncode == 0, result.stderr
     for name in (
         f"{prefix}.cli",
@@ -174,12 +188,12 @@ def test_an_unknown_queue_is_named_with_the_queues_that_exist(
 
 @pytest.mark.anyio
 async def test_a_topology_clash_gives_one_line_naming_the_queue(
-    make_rabbit_app: AppFactory, project: dict[str, str], tmp_path: Path, prefix: str
+    make_rabbit_app: AppFactory, broker_env: dict[str, str], tmp_path: Path, prefix: str
 ) -> None:
     owner = make_rabbit_app(queue_type="quorum")
     owner.task(queue=f"{prefix}.cli", retries=["5s", "1m"], name="record")(_record)
     await owner.connect()
-    result = _cuebx("worker", "-A", "cliapp", "--log-level", "ERROR", cwd=tmp_path, env=project)
+    result = _cuebx("worker", "-A", "cliapp", "--log-level", "ERROR", cwd=tmp_path, env=broker_env)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -187,4 +201,45 @@ async def test_a_topology_clash_gives_one_line_naming_the_queue(
     assert "x-queue-type" in lines[0]
 
 
+@pytest.mark.anyio
+async def test_a_queue_the_broker_refuses_to_consume_gives_one_error_line_not_a_traceback(
+    make_rabbit_app: AppFactory, amqp: Raw, broker_env: dict[str, str], tmp_path: Path, prefix: str
+) -> None:
+    # The topology declares fine (same arguments), but another connection holds an exclusive
+    # consumer on the main queue, so the worker's basic.consume is refused (ACCESS_REFUSED)
+    # inside its task group: the error reaches the CLI wrapped in an exception group.
+    owner = make_rabbit_app()
+    owner.task(queue=f"{prefix}.cli", retries=["5s", "1m"], name="record")(_record)
+    await owner.connect()
+    queue = await amqp.channel.get_queue(f"{prefix}.cli", ensure=False)
+    await queue.consume(_ignore, exclusive=True)
+    result = _cuebx("worker", "-A", "cliapp", cwd=tmp_path, env=broker_env)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        f"Error: cannot consume queue '{prefix}.cli': ACCESS_REFUSED - queue '{prefix}.cli' in "
+        "vhost '/' in exclusive use"
+    ], result.stderr
+
+
+def test_version_is_the_package_s_version(project: dict[str, str], tmp_path: Path) -> None:
+    result = _cuebx("--version", cwd=tmp_path, env=project)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"cuebx, version {cuebx.__version__}"
+
+
+def test_cuebx_app_stands_for_a_and_loglevel_spellings_are_accepted(
+    project: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**project, "CUEBX_APP": "emptyapp"}
+    for spelling in ("--log-level", "--loglevel", "-l"):
+        result = _cuebx("worker", spelling, "debug", cwd=tmp_path, env=env)
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip().startswith("Error: -A 'emptyapp': the app has no tasks")
+
+
 async def _record(n: int, pause: float = 0.0) -> None: ...
+
+
+async def _ignore(message: AbstractIncomingMessage) -> None: ...

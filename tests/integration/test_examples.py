@@ -32,7 +32,7 @@ def _delete_topology(app: Cuebx) -> None:
 
 
 @pytest.fixture
-def examples_on_path(rabbitmq_url: str) -> Iterator[None]:
+def examples_on_path() -> Iterator[None]:
     sys.path.insert(0, str(EXAMPLES))
     try:
         yield
@@ -53,7 +53,7 @@ def _quickstart(env: dict[str, str] | None = None) -> subprocess.CompletedProces
 
 
 def test_quickstart_runs_a_producer_and_a_worker_and_retries_the_flaky_task(
-    examples_on_path: None,
+    examples_on_path: None, rabbitmq_url: str
 ) -> None:
     result = _quickstart()
     import quickstart
@@ -77,7 +77,7 @@ def test_quickstart_without_a_broker_runs_in_process_and_says_so_first(
 
 
 def test_fastapi_example_enqueues_from_a_request_and_its_lifespan_worker_runs_it(
-    examples_on_path: None,
+    examples_on_path: None, rabbitmq_url: str
 ) -> None:
     import fastapi_app
 

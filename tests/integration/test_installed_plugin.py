@@ -8,6 +8,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).parents[2]
 
 USER_TEST = textwrap.dedent(
@@ -58,6 +60,9 @@ def _run(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> str
     return result.stdout
 
 
+# pip downloads the build backend and cuebx's dependencies: far longer than the default
+# per-test timeout on a machine whose pip cache is cold.
+@pytest.mark.timeout(300)
 def test_the_pytest_plugin_works_in_a_fresh_virtualenv_from_the_built_wheel(
     tmp_path: Path,
 ) -> None:
