@@ -138,8 +138,6 @@ def worker(
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    # aiormq logs every refused connection itself; cuebx reports it once, with the URL.
-    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     app = load_app(app_path)
     if not app.tasks:
         raise click.ClickException(

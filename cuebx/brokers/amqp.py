@@ -44,6 +44,15 @@ __all__ = ["AmqpBroker"]
 
 logger = logging.getLogger("cuebx.amqp")
 
+
+def _not_a_refused_connection(record: logging.LogRecord) -> bool:
+    """aiormq logs each refused connection attempt as an error of its own; cuebx reports
+    the failure once, with the (masked) URL, and aio-pika logs its reconnection attempts."""
+    return record.msg != "error when creating transport: %r"
+
+
+logging.getLogger("aiormq.connection").addFilter(_not_a_refused_connection)
+
 _PERSISTENT = 2
 _LOST_CHANNEL = (
     aiormq.exceptions.ChannelInvalidStateError,

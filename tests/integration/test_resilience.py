@@ -437,3 +437,15 @@ async def _noop() -> None: ...
 def _host_port(url: str) -> tuple[str, int]:
     target = urlsplit(url)
     return target.hostname or "127.0.0.1", target.port or 5672
+
+
+async def test_a_refused_connection_is_reported_once_by_cuebx_not_by_aiormq(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = Cuebx("amqp://guest:secret@127.0.0.1:1/", connect_timeout="2s")
+    with pytest.raises(BrokerUnavailableError, match=r"guest:\*\*\*@127\.0\.0\.1:1"):
+        await app.connect()
+    assert not [
+        r for r in caplog.records if r.name.startswith("aiormq") and r.levelno >= logging.WARNING
+    ]
