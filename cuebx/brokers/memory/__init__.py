@@ -1,0 +1,35 @@
+"""An in-process broker with RabbitMQ's semantics, on a clock that tests move by hand.
+
+`MemoryBroker` is a second real implementation of `cuebx.brokers.base.Broker`, not a mock:
+it routes through a direct exchange and the default exchange, refuses unroutable mandatory
+publishes, calls a consumer's handler once per delivery in a task of its own (as aiormq
+does), bounds unacked deliveries by prefetch, round-robins consumers, orders by
+``x-max-priority``, expires by ``x-message-ttl`` and dead-letters through
+``x-dead-letter-exchange`` / ``x-dead-letter-routing-key`` with an ``x-death`` header, counts
+quorum-queue redeliveries against ``x-delivery-limit``, refuses a redeclaration with other
+arguments, and when a channel closes requeues whatever is unacked (its running handlers go
+on; settling their deliveries then does nothing). So a retry ladder runs end to end in a
+unit test: advance the clock by 30 seconds and the message that waited in ``Q.retry.30s`` is
+back in ``Q``, delivered to the worker, with its ``x-death`` entry.
+
+Time is a `Clock` that stands still until `Clock.advance` moves it (TTLs expire in time
+order as it passes them); ``MemoryBroker(url, real_time=True)`` makes it follow the
+monotonic clock as well, with a timer task owned by the broker between `connect` and `close`.
+
+Not modelled, on purpose: exchange types other than direct, policies, per-message
+``expiration``, ``x-max-length`` / ``x-overflow`` (so ``reject-publish`` never rejects),
+``x-expires``, ``x-single-active-consumer``, quorum-queue priorities, and the retention of
+unroutable dead letters by ``x-dead-letter-strategy: at-least-once`` (here a dead letter
+nobody is bound for is dropped, as with the default at-most-once strategy). Publisher confirms
+are always positive: nothing is lost in memory. Each broker object is its own server: two
+``MemoryBroker("memory://same")`` objects share nothing; the name only shows in messages.
+
+The package, by noun: `clock` (time), `queues` (entries, queues, consumers, deliveries),
+`host` (the task group handler calls run in) and `broker` (routing, settling, expiry and
+dead-lettering).
+"""
+
+from cuebx.brokers.memory.broker import MemoryBroker
+from cuebx.brokers.memory.clock import Clock
+
+__all__ = ["Clock", "MemoryBroker"]
