@@ -37,7 +37,7 @@ from cuebx.errors import (
     UnroutableError,
 )
 from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage
-from cuebx.topology import Topology
+from cuebx.topology import ArgumentDifference, Topology, describe_differences
 
 __all__ = ["AmqpBroker"]
 
@@ -525,21 +525,31 @@ def _reply_text(exc: BaseException) -> str:
 
 
 def _precondition_detail(exc: BaseException) -> str:
-    """Turn RabbitMQ's PRECONDITION_FAILED text into "argument 'x': cuebx wants A, ..."."""
+    """Describe RabbitMQ's PRECONDITION_FAILED text as `cuebx.topology.diff` results read.
+
+    RabbitMQ names one inequivalent argument and quotes both values as text; an integer is
+    shown as one, so the detail reads as the memory broker's does. Any other reply text is
+    returned as it is.
+    """
     text = _reply_text(exc)
     match = _INEQUIVALENT.search(text)
     if match is None:
         return text
-    return (
-        f"argument {match['arg']!r}: cuebx wants {_show(match['received'])}, "
-        f"the broker has {_show(match['current'])}"
+    difference = ArgumentDifference(
+        match["arg"], _reply_value(match["received"]), _reply_value(match["current"])
     )
+    return describe_differences([difference])
 
 
-def _show(value: str | None) -> str:
-    if value is None:
-        return "none"
-    return value if value.lstrip("-").isdigit() else repr(value)
+def _reply_value(text: str | None) -> Any:
+    """A value quoted in RabbitMQ's reply text: an integer when it reads as one."""
+    if text is None:
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        return text
+    return number if str(number) == text else text
 
 
 def _as_outgoing(message: DeliveredMessage) -> OutgoingMessage:

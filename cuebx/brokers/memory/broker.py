@@ -28,55 +28,13 @@ from cuebx.errors import (
     UnroutableError,
 )
 from cuebx.message import OutgoingMessage
-from cuebx.topology import Topology
+from cuebx.topology import Topology, describe_differences, diff
 
 __all__ = ["MemoryBroker"]
 
 logger = logging.getLogger("cuebx.memory")
 
 DeathReason = Literal["expired", "rejected", "delivery_limit"]
-
-#: The queue arguments RabbitMQ compares when a queue of that type is declared again (its
-#: ``queue_arguments`` capability); it ignores the others, e.g. a classic queue's
-#: ``x-delivery-limit``.
-_CHECKED_ARGUMENTS: Final[Mapping[str, frozenset[str]]] = {
-    "classic": frozenset(
-        {
-            "x-dead-letter-exchange",
-            "x-dead-letter-routing-key",
-            "x-expires",
-            "x-max-length",
-            "x-max-length-bytes",
-            "x-max-priority",
-            "x-message-ttl",
-            "x-overflow",
-            "x-queue-master-locator",
-            "x-queue-mode",
-            "x-queue-type",
-            "x-queue-version",
-            "x-single-active-consumer",
-        }
-    ),
-    "quorum": frozenset(
-        {
-            "x-dead-letter-exchange",
-            "x-dead-letter-routing-key",
-            "x-dead-letter-strategy",
-            "x-delivery-limit",
-            "x-expires",
-            "x-max-in-memory-bytes",
-            "x-max-in-memory-length",
-            "x-max-length",
-            "x-max-length-bytes",
-            "x-message-ttl",
-            "x-overflow",
-            "x-queue-leader-locator",
-            "x-queue-type",
-            "x-quorum-initial-group-size",
-            "x-single-active-consumer",
-        }
-    ),
-}
 
 
 class _MemorySubscription:
@@ -208,9 +166,9 @@ class MemoryBroker:
     def _declare_queue(self, name: str, arguments: Mapping[str, Any]) -> Queue:
         existing = self._queues.get(name)
         if existing is not None:
-            detail = _inequivalence(arguments, existing.arguments)
-            if detail:
-                raise TopologyConflictError(name, detail, arguments)
+            differences = diff(arguments, existing.arguments)
+            if differences:
+                raise TopologyConflictError(name, describe_differences(differences), arguments)
             return existing
         _check_arguments(name, arguments)
         queue = self._queues[name] = Queue(name, arguments)
@@ -630,38 +588,6 @@ def _is_cycle(target: str, deaths: Sequence[Mapping[str, Any]]) -> bool:
         if death.get("queue") == target:
             return True
     return False
-
-
-def _inequivalence(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-    """Describe, as `AmqpBroker` does, every checked argument that differs; "" when none does.
-
-    RabbitMQ names only the first; naming all of them saves a round of fixes.
-    """
-    checked = _CHECKED_ARGUMENTS[_effective(current, "x-queue-type")]
-    problems = []
-    for key in sorted(checked & (wanted.keys() | current.keys())):
-        received, have = _effective(wanted, key), _effective(current, key)
-        if not _same(received, have):
-            problems.append(
-                f"argument {key!r}: cuebx wants {_show(received)}, the broker has {_show(have)}"
-            )
-    return "; ".join(problems)
-
-
-def _effective(arguments: Mapping[str, Any], key: str) -> Any:
-    # A queue declared without x-queue-type is a classic queue.
-    if key == "x-queue-type":
-        return arguments.get(key, "classic")
-    return arguments.get(key)
-
-
-def _same(a: Any, b: Any) -> bool:
-    # AMQP tables type their values: true is not 1.
-    return isinstance(a, bool) == isinstance(b, bool) and a == b
-
-
-def _show(value: Any) -> str:
-    return "none" if value is None else repr(value)
 
 
 def _is_count(value: Any, *, low: int = 0, high: int | None = None) -> bool:
