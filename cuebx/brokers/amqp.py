@@ -512,10 +512,12 @@ class AmqpBroker:
         return subscription
 
 
+#: RabbitMQ quotes the values bare when both sides have one ("received '2000' but current
+#: is '1000'"), and with their type when one side has none.
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)'.*?"
-    r"received (?:none|the value '(?P<received>.*?)' of type '\w+')"
-    r" but current is (?:none|the value '(?P<current>.*?)' of type '\w+')"
+    r"received (?:none|the value '(?P<received>.*?)' of type '\w+'|'(?P<received_bare>.*?)')"
+    r" but current is (?:none|the value '(?P<current>.*?)' of type '\w+'|'(?P<current_bare>.*)')"
 )
 
 
@@ -536,9 +538,16 @@ def _precondition_detail(exc: BaseException) -> str:
     if match is None:
         return text
     difference = ArgumentDifference(
-        match["arg"], _reply_value(match["received"]), _reply_value(match["current"])
+        match["arg"],
+        _reply_value(_either(match["received"], match["received_bare"])),
+        _reply_value(_either(match["current"], match["current_bare"])),
     )
     return describe_differences([difference])
+
+
+def _either(typed: str | None, bare: str | None) -> str | None:
+    # An empty value ('') is a value: only a side that matched no quote is none.
+    return typed if typed is not None else bare
 
 
 def _reply_value(text: str | None) -> Any:

@@ -18,10 +18,20 @@ from cuebx.brokers.amqp import _precondition_detail
             "argument 'x-message-ttl': cuebx wants 10000, the broker has 5000",
         ),
         (
+            "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q.retry.5s' in "
+            "vhost '/': received '2000' but current is '1000'",
+            "argument 'x-message-ttl': cuebx wants 2000, the broker has 1000",
+        ),
+        (
             "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'q' "
             "in vhost '/': received the value 'q.other' of type 'longstr' but current is the "
             "value 'q.dlq' of type 'longstr'",
             "argument 'x-dead-letter-routing-key': cuebx wants 'q.other', the broker has 'q.dlq'",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'q' "
+            "in vhost '/': received 'it's' but current is ''",
+            "argument 'x-dead-letter-routing-key': cuebx wants \"it's\", the broker has ''",
         ),
         (
             "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost "
@@ -46,7 +56,9 @@ from cuebx.brokers.amqp import _precondition_detail
     ],
     ids=[
         "an integer reads as a number",
+        "values RabbitMQ quotes without their type read the same",
         "a string reads quoted",
+        "quotes inside a value and an empty value are kept",
         "a missing current value reads none",
         "a missing wanted value reads none",
         "only text that is exactly an integer reads as one",
