@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from cuebx.brokers.base import DeliveryHandler, mask_url
+from cuebx.brokers.base import DeliveryHandler, SystemClock, mask_url
 from cuebx.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -263,6 +263,7 @@ class AmqpBroker:
         reconnect_interval: float = 1.0,
     ) -> None:
         self.url = url
+        self.clock = SystemClock()
         self.reconnect_interval = reconnect_interval
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout

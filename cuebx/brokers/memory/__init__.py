@@ -9,12 +9,15 @@ does), bounds unacked deliveries by prefetch, round-robins consumers, orders by
 quorum-queue redeliveries against ``x-delivery-limit``, refuses a redeclaration with other
 arguments, and when a channel closes requeues whatever is unacked (its running handlers go
 on; settling their deliveries then does nothing). So a retry ladder runs end to end in a
-unit test: advance the clock by 30 seconds and the message that waited in ``Q.retry.30s`` is
+unit test: once the clock passes 30 seconds, the message that waited in ``Q.retry.30s`` is
 back in ``Q``, delivered to the worker, with its ``x-death`` entry.
 
-Time is a `Clock` that stands still until `Clock.advance` moves it (TTLs expire in time
-order as it passes them); ``MemoryBroker(url, real_time=True)`` makes it follow the
-monotonic clock as well, with a timer task owned by the broker between `connect` and `close`.
+Time is a virtual `Clock` (TTLs expire in time order as it passes them). By default it
+jumps ahead by itself whenever the broker is idle, so that ladder runs on its own in no
+wall time; ``MemoryBroker(url, clock="manual")`` (or ``memory://?clock=manual``) makes it
+stand still until `Clock.advance` moves it, and ``clock="real"`` makes it follow the
+monotonic clock. The timers run in a task group owned by the broker between `connect` and
+`close`.
 
 Not modelled, on purpose: exchange types other than direct, policies, per-message
 ``expiration``, ``x-max-length`` / ``x-overflow`` (so ``reject-publish`` never rejects),
@@ -30,6 +33,6 @@ dead-lettering).
 """
 
 from cuebx.brokers.memory.broker import MemoryBroker
-from cuebx.brokers.memory.clock import Clock
+from cuebx.brokers.memory.clock import Clock, ClockMode
 
-__all__ = ["Clock", "MemoryBroker"]
+__all__ = ["Clock", "ClockMode", "MemoryBroker"]

@@ -5,18 +5,16 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Final, Literal
-from urllib.parse import urlsplit
+from typing import Any, Final, Literal, cast
+from urllib.parse import parse_qs, urlsplit
 
-import anyio
 from anyio.lowlevel import checkpoint
 
 from cuebx.brokers.base import DeliveryHandler
-from cuebx.brokers.memory.clock import NS_PER_S, Clock
+from cuebx.brokers.memory.clock import CLOCK_MODES, NS_PER_S, Clock, ClockMode
 from cuebx.brokers.memory.host import TaskHost
 from cuebx.brokers.memory.queues import Consumer, Entry, MemoryDelivery, Outcome, Queue
 from cuebx.errors import (
@@ -70,20 +68,32 @@ class MemoryBroker:
     whether connected or not, for a testing kit to look at the broker between steps.
 
     Args:
-        url: ``memory://`` or ``memory://name`` (the name only shows in messages).
-        real_time: let TTLs run out in real time as well as through `Clock.advance`.
+        url: ``memory://`` or ``memory://name`` (the name only shows in messages);
+            ``?clock=auto|manual|real`` is another spelling of `clock`.
+        clock: how time moves (`cuebx.brokers.memory.clock`): ``"auto"`` (the default)
+            jumps to the next TTL expiry or `Clock.sleep` whenever the broker is idle,
+            ``"manual"`` only through `Clock.advance`, ``"real"`` in real time as well.
+        real_time: the same as ``clock="real"``.
         **options: accepted and ignored (``publish_timeout``, ``connection_name``...), so
             that an app configured for RabbitMQ runs unchanged on ``memory://``.
+
+    Raises:
+        ValueError: not a ``memory://`` URL, an unknown clock mode, or two different ones.
     """
 
-    def __init__(self, url: str = "memory://", *, real_time: bool = False, **options: Any) -> None:
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        clock: ClockMode | None = None,
+        real_time: bool = False,
+        **options: Any,
+    ) -> None:
         if urlsplit(url).scheme != "memory":
             raise ValueError(f"MemoryBroker needs a memory:// URL, not {url!r}")
         self.url = url
-        # memory://?clock=real makes TTLs expire in real time, for tests timed like RabbitMQ.
-        real_time = real_time or "clock=real" in urlsplit(url).query.split("&")
-        self.clock = Clock(real_time=real_time)
-        self.clock._bind(self._next_due_ns, self._on_clock_moved)
+        self.clock = Clock(_clock_mode(url, clock, real_time=real_time))
+        self.clock._bind(self._next_expiry_ns, self._fire_due, self.is_idle)
         self._connected = False
         self._host = TaskHost()
         self._queues: dict[str, Queue] = {}
@@ -95,12 +105,11 @@ class MemoryBroker:
         self._seq = itertools.count()
         self._pushes = itertools.count()
         self._tags = itertools.count(1)
-        self._wakeup: anyio.Event | None = None
 
     # -- connection -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the connection (idempotent); in real-time mode, start the expiry timer."""
+        """Open the connection (idempotent) and start the timer of an auto or real clock."""
         if self._connected:
             return
         self._connected = True
@@ -109,8 +118,8 @@ class MemoryBroker:
         except BaseException:
             self._connected = False
             raise
-        if self.clock.real_time:
-            self._host.start_soon(self._expire_in_real_time)
+        if self.clock.mode != "manual":
+            self._host.start_soon(self.clock._run)
 
     async def close(self) -> None:
         """Close every consumer's channel, requeueing what is unacked, and stop the timer.
@@ -129,7 +138,6 @@ class MemoryBroker:
         for consumer in consumers:
             self._return_unacked(consumer)
         self._fire_due()
-        self._wakeup = None
         await self._host.stop()
 
     def _require_connected(self) -> None:
@@ -191,6 +199,7 @@ class MemoryBroker:
             return
         queue.deleted = True
         queue.clear()
+        self.clock._touched()
         for consumer in list(queue.consumers):
             self._stop_consumer(consumer)
         for bindings in self._exchanges.values():
@@ -257,6 +266,7 @@ class MemoryBroker:
         for queue in targets:
             self._enqueue(queue, stored, exchange, routing_key)
         self._fire_due()
+        self.clock._touched()
 
     def _route(self, exchange: str, routing_key: str) -> list[Queue] | None:
         """Return the queues a message goes to, or None when the exchange does not exist."""
@@ -291,10 +301,10 @@ class MemoryBroker:
         entry.queue.push(entry)
         if entry.expires_ns is None:
             return
-        earliest = self._next_due_ns()
+        earliest = self._next_expiry_ns()
         heapq.heappush(self._expiries, (entry.expires_ns, entry.seq, next(self._pushes), entry))
         if earliest is None or entry.expires_ns < earliest:
-            self._wake()
+            self.clock._scheduled()
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -327,6 +337,7 @@ class MemoryBroker:
         self._consumers.append(consumer)
         self._dispatch(target)
         self._fire_due()
+        self.clock._touched()
         return _MemorySubscription(self, consumer)
 
     def _dispatch(self, queue: Queue) -> None:
@@ -373,6 +384,7 @@ class MemoryBroker:
         if consumer in consumer.queue.consumers:
             consumer.queue.consumers.remove(consumer)
         self._forget_if_done(consumer)
+        self.clock._touched()  # its queue's ready messages no longer wait for it
 
     def _forget_if_done(self, consumer: Consumer) -> None:
         """Drop a stopped consumer once it holds nothing, so that none piles up."""
@@ -390,6 +402,7 @@ class MemoryBroker:
         for delivery in deliveries:
             delivery.outcome = "returned"
             self._return(delivery.entry)
+        self.clock._touched()
 
     # -- settling ---------------------------------------------------------------------------
 
@@ -414,6 +427,7 @@ class MemoryBroker:
             self._dead_letter(entry, "rejected")
         self._dispatch(consumer.queue)
         self._fire_due()
+        self.clock._touched()
 
     def _return(self, entry: Entry) -> None:
         """Requeue a delivered entry, or dead-letter it past a quorum delivery limit."""
@@ -428,15 +442,11 @@ class MemoryBroker:
 
     # -- expiry and dead-lettering ----------------------------------------------------------
 
-    def _next_due_ns(self) -> int | None:
+    def _next_expiry_ns(self) -> int | None:
         heap = self._expiries
         while heap and not heap[0][3].ready:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
-
-    def _on_clock_moved(self) -> None:
-        self._fire_due()
-        self._wake()
 
     def _fire_due(self) -> None:
         """Expire every ready message whose TTL ran out, earliest first."""
@@ -464,20 +474,6 @@ class MemoryBroker:
         for target in self._route(str(exchange), str(routing_key)) or ():
             if reason == "rejected" or not _is_cycle(target.name, deaths):
                 self._enqueue(target, message, str(exchange), str(routing_key))
-
-    async def _expire_in_real_time(self) -> None:
-        """Sleep until the next expiry, or until an earlier one is scheduled."""
-        while True:
-            wakeup = self._wakeup = anyio.Event()
-            due = self._next_due_ns()
-            delay = math.inf if due is None else max(0, due - self.clock.now_ns()) / NS_PER_S
-            with anyio.move_on_after(delay):
-                await wakeup.wait()
-            self._fire_due()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -512,7 +508,9 @@ class MemoryBroker:
         """
         await checkpoint()
         self._require_connected()
-        return self._queue(queue).clear()
+        purged = self._queue(queue).clear()
+        self.clock._touched()
+        return purged
 
     def messages(self, queue: str) -> list[OutgoingMessage]:
         """Return the ready messages of `queue` in delivery order, as stored.
@@ -536,8 +534,11 @@ class MemoryBroker:
         return not any(queue.ready and queue.consumers for queue in self._queues.values())
 
     def next_expiry(self) -> float | None:
-        """Return the clock time (seconds) of the next TTL expiry, or None."""
-        due = self._next_due_ns()
+        """Return the clock time (seconds) of the next TTL expiry, or None.
+
+        Only TTLs count: a task waiting in `Clock.sleep` (a schedule) is not work to drain.
+        """
+        due = self._next_expiry_ns()
         return None if due is None else due / NS_PER_S
 
     def _queue(self, name: str) -> Queue:
@@ -545,6 +546,30 @@ class MemoryBroker:
             return self._queues[name]
         except KeyError:
             raise LookupError(f"queue {name!r} does not exist") from None
+
+
+def _clock_mode(url: str, clock: str | None, *, real_time: bool) -> ClockMode:
+    """Resolve the clock mode from the argument, ``real_time`` and the URL's ``?clock=``.
+
+    Raises:
+        ValueError: an unknown mode, or two spellings asking for different ones.
+    """
+    asked: dict[str, str] = {}
+    for value in parse_qs(urlsplit(url).query).get("clock", []):
+        asked[f"?clock={value} in the URL"] = value
+    if clock is not None:
+        asked[f"clock={clock!r}"] = clock
+    if real_time:
+        asked["real_time=True"] = "real"
+    modes = set(asked.values())
+    if len(modes) > 1:
+        raise ValueError(f"MemoryBroker got two clock modes: {', '.join(asked)}")
+    mode = modes.pop() if modes else "auto"
+    if mode not in CLOCK_MODES:
+        raise ValueError(
+            f"unknown clock mode {mode!r} for {url}: use 'auto' (the default), 'manual' or 'real'"
+        )
+    return cast(ClockMode, mode)
 
 
 def _with_death(entry: Entry, reason: DeathReason, at: datetime) -> OutgoingMessage:
