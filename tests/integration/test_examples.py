@@ -105,4 +105,4 @@ def test_the_testing_example_passes_as_a_user_would_run_it() -> None:
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 passed" in result.stdout
+    assert "5 passed" in result.stdout
