@@ -15,7 +15,9 @@ worked on, and any publish, delivery or settlement starts the count of quiet tur
 What the broker cannot see is a task waiting on something else (a socket, a thread, an
 ``anyio.sleep``) that will touch the broker afterwards: time may jump meanwhile, as
 Trio's autojump clock jumps while a task waits on I/O. A handler doing so holds its
-delivery unacked, so time never jumps under a handler.
+delivery unacked, so time never jumps under a handler; by the same rule, a handler that
+awaits `Clock.sleep` itself waits for `Clock.advance` (cuebx never waits inside a handler:
+delays are held by the broker, as TTLs).
 
 The timers of ``auto`` and ``real`` run in the broker's own task group, between its
 ``connect`` and ``close``; without them (a closed broker) only `Clock.advance` moves time.
