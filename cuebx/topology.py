@@ -19,17 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from cuebx.durations import label
 from cuebx.errors import ConfigurationError
 
 __all__ = [
+    "ArgumentDifference",
     "QueueRoute",
     "QueueSpec",
     "QueueType",
     "Topology",
     "dead_letter_queue_name",
+    "describe_differences",
+    "diff",
     "plan",
     "retry_queue_name",
 ]
@@ -227,3 +230,131 @@ def _tier_arguments(queue: str, ms: int, *, quorum: bool) -> dict[str, Any]:
         args["x-dead-letter-strategy"] = "at-least-once"
         args["x-overflow"] = "reject-publish"
     return args
+
+
+# -- comparing with what the broker has ----------------------------------------------------
+
+#: The queue arguments RabbitMQ compares when a queue of that type is declared again (its
+#: ``queue_arguments`` capability); it ignores the others, e.g. a classic queue's
+#: ``x-delivery-limit``.
+_CHECKED_ARGUMENTS: Final[Mapping[str, frozenset[str]]] = {
+    "classic": frozenset(
+        {
+            "x-dead-letter-exchange",
+            "x-dead-letter-routing-key",
+            "x-expires",
+            "x-max-length",
+            "x-max-length-bytes",
+            "x-max-priority",
+            "x-message-ttl",
+            "x-overflow",
+            "x-queue-master-locator",
+            "x-queue-mode",
+            "x-queue-type",
+            "x-queue-version",
+            "x-single-active-consumer",
+        }
+    ),
+    "quorum": frozenset(
+        {
+            "x-dead-letter-exchange",
+            "x-dead-letter-routing-key",
+            "x-dead-letter-strategy",
+            "x-delivery-limit",
+            "x-expires",
+            "x-max-in-memory-bytes",
+            "x-max-in-memory-length",
+            "x-max-length",
+            "x-max-length-bytes",
+            "x-message-ttl",
+            "x-overflow",
+            "x-queue-leader-locator",
+            "x-queue-type",
+            "x-quorum-initial-group-size",
+            "x-single-active-consumer",
+        }
+    ),
+    "stream": frozenset(
+        {
+            "x-initial-cluster-size",
+            "x-max-age",
+            "x-max-length-bytes",
+            "x-queue-leader-locator",
+            "x-queue-type",
+            "x-stream-max-segment-size-bytes",
+        }
+    ),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ArgumentDifference:
+    """One queue argument whose value cuebx wants differs from the one the queue has.
+
+    None on either side means that side does not set the argument.
+    """
+
+    argument: str
+    wanted: Any
+    current: Any
+
+
+def diff(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> tuple[ArgumentDifference, ...]:
+    """Compare a queue's arguments as RabbitMQ does when the queue is declared again.
+
+    Only the arguments RabbitMQ checks for the type of the existing queue count: a classic
+    queue ignores ``x-delivery-limit``, for instance, so a difference there is no conflict.
+    A queue without ``x-queue-type`` is a classic queue, and values compare with their AMQP
+    type, so ``True`` is not ``1`` and ``1`` is not ``1.0``. Where RabbitMQ names only the
+    first difference, this returns all of them, which saves a round of fixes. For a queue
+    type it does not know, every argument is compared.
+
+    Args:
+        wanted: the arguments cuebx declares the queue with.
+        current: the arguments of the queue on the broker.
+
+    Returns:
+        The differences, sorted by argument name; empty when a declaration would succeed.
+    """
+    queue_type = _effective(current, "x-queue-type")
+    checked = _CHECKED_ARGUMENTS.get(queue_type) if isinstance(queue_type, str) else None
+    keys = wanted.keys() | current.keys()
+    differences = []
+    for key in sorted(keys if checked is None else checked & keys):
+        mine, theirs = _effective(wanted, key), _effective(current, key)
+        if not _same(mine, theirs):
+            differences.append(ArgumentDifference(key, mine, theirs))
+    return tuple(differences)
+
+
+def describe_differences(differences: Iterable[ArgumentDifference]) -> str:
+    """Describe differences the way a `TopologyConflictError` shows them.
+
+    Each reads ``argument 'x-message-ttl': cuebx wants 1000, the broker has 2000`` (an
+    absent argument is ``none``); they are joined with ``"; "``, and none gives ``""``.
+    """
+    return "; ".join(
+        f"argument {d.argument!r}: cuebx wants {_show(d.wanted)}, the broker has {_show(d.current)}"
+        for d in differences
+    )
+
+
+def _effective(arguments: Mapping[str, Any], key: str) -> Any:
+    # A queue declared without x-queue-type is a classic queue.
+    if key == "x-queue-type":
+        return arguments.get(key, "classic")
+    return arguments.get(key)
+
+
+def _same(a: Any, b: Any) -> bool:
+    # AMQP tables type their values, and RabbitMQ compares the types too: true is not 1,
+    # and an integer is not a float (its integer types are interchangeable, Python's too).
+    return _amqp_kind(a) == _amqp_kind(b) and a == b
+
+
+def _amqp_kind(value: Any) -> type:
+    return bool if isinstance(value, bool) else float if isinstance(value, float) else object
+
+
+def _show(value: Any) -> str:
+    return "none" if value is None else repr(value)

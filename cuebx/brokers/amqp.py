@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from cuebx.brokers.base import DeliveryHandler, mask_url
+from cuebx.brokers.base import DeliveryHandler, SystemClock, mask_url
 from cuebx.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -38,7 +38,7 @@ from cuebx.errors import (
     UnroutableError,
 )
 from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, header_count
-from cuebx.topology import Topology
+from cuebx.topology import ArgumentDifference, Topology, describe_differences
 
 __all__ = ["AmqpBroker"]
 
@@ -356,6 +356,7 @@ class AmqpBroker:
         reconnect_interval: float = 1.0,
     ) -> None:
         self.url = url
+        self.clock = SystemClock()
         self.reconnect_interval = reconnect_interval
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
@@ -609,10 +610,12 @@ class AmqpBroker:
         return subscription
 
 
+#: RabbitMQ quotes the values bare when both sides have one ("received '2000' but current
+#: is '1000'"), and with their type when one side has none.
 _INEQUIVALENT = re.compile(
     r"inequivalent arg '(?P<arg>[^']+)'.*?"
-    r"received (?:none|the value '(?P<received>.*?)' of type '\w+')"
-    r" but current is (?:none|the value '(?P<current>.*?)' of type '\w+')"
+    r"received (?:none|the value '(?P<received>.*?)' of type '\w+'|'(?P<received_bare>.*?)')"
+    r" but current is (?:none|the value '(?P<current>.*?)' of type '\w+'|'(?P<current_bare>.*)')"
 )
 
 
@@ -622,21 +625,38 @@ def _reply_text(exc: BaseException) -> str:
 
 
 def _precondition_detail(exc: BaseException) -> str:
-    """Turn RabbitMQ's PRECONDITION_FAILED text into "argument 'x': cuebx wants A, ..."."""
+    """Describe RabbitMQ's PRECONDITION_FAILED text as `cuebx.topology.diff` results read.
+
+    RabbitMQ names one inequivalent argument and quotes both values as text; an integer is
+    shown as one, so the detail reads as the memory broker's does. Any other reply text is
+    returned as it is.
+    """
     text = _reply_text(exc)
     match = _INEQUIVALENT.search(text)
     if match is None:
         return text
-    return (
-        f"argument {match['arg']!r}: cuebx wants {_show(match['received'])}, "
-        f"the broker has {_show(match['current'])}"
+    difference = ArgumentDifference(
+        match["arg"],
+        _reply_value(_either(match["received"], match["received_bare"])),
+        _reply_value(_either(match["current"], match["current_bare"])),
     )
+    return describe_differences([difference])
 
 
-def _show(value: str | None) -> str:
-    if value is None:
-        return "none"
-    return value if value.lstrip("-").isdigit() else repr(value)
+def _either(typed: str | None, bare: str | None) -> str | None:
+    # An empty value ('') is a value: only a side that matched no quote is none.
+    return typed if typed is not None else bare
+
+
+def _reply_value(text: str | None) -> Any:
+    """A value quoted in RabbitMQ's reply text: an integer when it reads as one."""
+    if text is None:
+        return None
+    try:
+        number = int(text)
+    except ValueError:
+        return text
+    return number if str(number) == text else text
 
 
 def _as_outgoing(message: DeliveredMessage) -> OutgoingMessage:

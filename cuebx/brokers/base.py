@@ -10,20 +10,26 @@ Brokers are chosen by URL scheme and imported lazily, so ``memory://`` never loa
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+from anyio.lowlevel import checkpoint
 
 from cuebx.message import OutgoingMessage
 from cuebx.topology import Topology
 
 __all__ = [
     "Broker",
+    "Clock",
     "Delivery",
     "DeliveryHandler",
     "Subscription",
     "BROKER_SCHEMES",
+    "SystemClock",
     "broker_for_url",
     "mask_url",
 ]
@@ -72,10 +78,59 @@ class Subscription(Protocol):
         """Cancel, then close the consumer's channel: unacked deliveries are requeued."""
 
 
+class Clock(Protocol):
+    """The broker's time, for code that waits on it (schedules, delays).
+
+    RabbitMQ runs on the wall clock (`SystemClock`); the memory broker's clock can jump ahead,
+    so code that reads and waits through ``broker.clock`` runs the same on both, in no wall
+    time on ``memory://``.
+    """
+
+    def time(self) -> float:
+        """Return the time in seconds since the epoch, UTC, like `time.time`."""
+        ...
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of this clock's time (never less)."""
+
+    async def sleep_until(self, epoch_seconds: float) -> None:
+        """Wait until `time` reaches `epoch_seconds` (never earlier)."""
+
+
+class SystemClock:
+    """The wall clock, for brokers that run in real time."""
+
+    def time(self) -> float:
+        """Return `time.time`."""
+        return time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of real time (``anyio.sleep``)."""
+        await anyio.sleep(seconds)
+
+    async def sleep_until(self, epoch_seconds: float) -> None:
+        """Wait until the wall clock reaches `epoch_seconds`; a past time only yields.
+
+        It sleeps on the monotonic clock and looks at the wall clock again when it wakes,
+        so a wall clock set back meanwhile (NTP) makes it sleep on instead of waking early.
+        """
+        remaining = epoch_seconds - time.time()
+        if remaining <= 0:
+            await checkpoint()
+            return
+        await anyio.sleep(remaining)
+        await self.sleep_until(epoch_seconds)
+
+
 class Broker(Protocol):
     """What cuebx needs from a broker."""
 
     url: str
+
+    @property
+    def clock(self) -> Clock:
+        """The broker's time: `SystemClock` on RabbitMQ, a virtual clock in memory."""
+        ...
 
     async def connect(self) -> None:
         """Open the connection (idempotent)."""

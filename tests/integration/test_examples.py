@@ -105,7 +105,7 @@ def test_the_testing_example_passes_as_a_user_would_run_it() -> None:
         env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 passed" in result.stdout
+    assert "5 passed" in result.stdout
 
 
 def test_the_middleware_example_runs_on_its_own_and_prints_its_timings() -> None:

@@ -47,7 +47,10 @@ def anyio_backend() -> str:
 
 @pytest.fixture
 async def broker() -> AsyncIterator[MemoryBroker]:
-    broker = MemoryBroker("memory://test", publish_timeout=5.0, connection_name="test")
+    # The manual clock: these tests decide when TTLs run out.
+    broker = MemoryBroker(
+        "memory://test", clock="manual", publish_timeout=5.0, connection_name="test"
+    )
     _: Broker = broker  # mypy: MemoryBroker implements the protocol
     await broker.connect()
     await broker.declare(EMAILS)

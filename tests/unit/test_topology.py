@@ -1,12 +1,17 @@
 """The topology plan: queue names, x-arguments, bindings and declaration order (DESIGN.md)."""
 
+from typing import Any
+
 import pytest
 
 from cuebx import ConfigurationError, Cuebx, Retry
 from cuebx.topology import (
+    ArgumentDifference,
     QueueRoute,
     Topology,
     dead_letter_queue_name,
+    describe_differences,
+    diff,
     plan,
     retry_queue_name,
 )
@@ -444,3 +449,120 @@ def test_an_app_without_tasks_plans_only_the_exchange(app: Cuebx) -> None:
     topology = app.topology()
     assert topology.exchange == "cuebx"
     assert topology.queues == ()
+
+
+# -- diff: what RabbitMQ compares when a queue is declared again ---------------------------
+
+TTL = {"x-message-ttl": 1000, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "q"}
+QUORUM = {"x-queue-type": "quorum", "x-delivery-limit": 10}
+
+DIFF_CASES: list[tuple[str, dict[str, Any], dict[str, Any], list[tuple[str, Any, Any]]]] = [
+    ("the same arguments differ in nothing", TTL, dict(TTL), []),
+    ("no arguments on either side differ in nothing", {}, {}, []),
+    (
+        "another TTL differs in the TTL only",
+        TTL,
+        {**TTL, "x-message-ttl": 2000},
+        [("x-message-ttl", 1000, 2000)],
+    ),
+    (
+        "an argument the queue lacks differs from none",
+        {"x-max-priority": 5},
+        {},
+        [("x-max-priority", 5, None)],
+    ),
+    (
+        "an argument cuebx does not want differs from none",
+        {},
+        {"x-max-priority": 5},
+        [("x-max-priority", None, 5)],
+    ),
+    (
+        "every differing argument is listed in name order",
+        {"x-message-ttl": 1, "x-dead-letter-routing-key": "a"},
+        {"x-message-ttl": 2, "x-dead-letter-routing-key": "b"},
+        [("x-dead-letter-routing-key", "a", "b"), ("x-message-ttl", 1, 2)],
+    ),
+    ("a missing queue type is classic", {"x-queue-type": "classic"}, {}, []),
+    (
+        "a classic queue is not a quorum queue",
+        {"x-queue-type": "quorum"},
+        {},
+        [("x-queue-type", "quorum", "classic")],
+    ),
+    ("a classic queue ignores the delivery limit", {"x-delivery-limit": 10}, {}, []),
+    (
+        "a quorum queue compares the delivery limit",
+        QUORUM,
+        {**QUORUM, "x-delivery-limit": 3},
+        [("x-delivery-limit", 10, 3)],
+    ),
+    (
+        "the existing queue's type chooses the arguments compared",
+        QUORUM,
+        {"x-queue-type": "classic"},
+        [("x-queue-type", "quorum", "classic")],
+    ),
+    (
+        "a stream compares its retention",
+        {"x-queue-type": "stream", "x-max-age": "7D"},
+        {"x-queue-type": "stream", "x-max-age": "1D", "x-message-ttl": 5},
+        [("x-max-age", "7D", "1D")],
+    ),
+    (
+        "an unknown queue type compares every argument",
+        {"x-queue-type": "delayed", "x-custom": 1},
+        {"x-queue-type": "delayed", "x-custom": 2},
+        [("x-custom", 1, 2)],
+    ),
+    (
+        "true is not 1",
+        {"x-single-active-consumer": True},
+        {"x-single-active-consumer": 1},
+        [("x-single-active-consumer", True, 1)],
+    ),
+    (
+        "an integer is not a float",
+        {"x-message-ttl": 1000},
+        {"x-message-ttl": 1000.0},
+        [("x-message-ttl", 1000, 1000.0)],
+    ),
+    ("arguments RabbitMQ ignores do not count", {"x-custom": 1}, {"x-custom": 2}, []),
+]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "current", "expected"),
+    [case[1:] for case in DIFF_CASES],
+    ids=[case[0] for case in DIFF_CASES],
+)
+def test_diff_compares_queue_arguments_as_rabbitmq_does(
+    wanted: dict[str, Any], current: dict[str, Any], expected: list[tuple[str, Any, Any]]
+) -> None:
+    differences = diff(wanted, current)
+
+    assert [(d.argument, d.wanted, d.current) for d in differences] == expected
+    for (_, mine, theirs), difference in zip(expected, differences, strict=True):
+        assert type(difference.wanted) is type(mine)
+        assert type(difference.current) is type(theirs)
+
+
+def test_the_differences_of_a_plan_and_itself_are_none() -> None:
+    topology = plan([QueueRoute("t", "q", retry_delays_ms=(5_000,))], queue_type="quorum")
+
+    assert all(diff(spec.arguments, spec.arguments) == () for spec in topology.queues)
+
+
+def test_differences_are_described_one_by_one_and_joined_with_semicolons() -> None:
+    differences = [
+        ArgumentDifference("x-message-ttl", 1000, 2000),
+        ArgumentDifference("x-queue-type", "quorum", "classic"),
+        ArgumentDifference("x-overflow", "reject-publish", None),
+    ]
+
+    assert describe_differences(differences) == (
+        "argument 'x-message-ttl': cuebx wants 1000, the broker has 2000; "
+        "argument 'x-queue-type': cuebx wants 'quorum', the broker has 'classic'; "
+        "argument 'x-overflow': cuebx wants 'reject-publish', the broker has none"
+    )
+    assert describe_differences([]) == ""

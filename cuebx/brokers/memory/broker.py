@@ -1,51 +1,22 @@
-"""An in-process broker with RabbitMQ's semantics, on a clock that tests move by hand.
-
-`MemoryBroker` is a second real implementation of `cuebx.brokers.base.Broker`, not a mock:
-it routes through a direct exchange and the default exchange, refuses unroutable mandatory
-publishes, calls a consumer's handler once per delivery in a task of its own (as aiormq
-does), bounds unacked deliveries by prefetch, round-robins consumers, orders by
-``x-max-priority``, expires by ``x-message-ttl`` and dead-letters through
-``x-dead-letter-exchange`` / ``x-dead-letter-routing-key`` with an ``x-death`` header, counts
-quorum-queue redeliveries against ``x-delivery-limit``, refuses a redeclaration with other
-arguments, and when a channel closes requeues whatever is unacked (its running handlers go
-on; settling their deliveries then does nothing). So a retry ladder runs end to end in a
-unit test: advance the clock by 30 seconds and the message that waited in ``Q.retry.30s`` is
-back in ``Q``, delivered to the worker, with its ``x-death`` entry.
-
-Time is a `Clock` that stands still until `Clock.advance` moves it (TTLs expire in time
-order as it passes them); ``MemoryBroker(url, real_time=True)`` makes it follow the
-monotonic clock as well, with a timer task owned by the broker between `connect` and `close`.
-
-Not modelled, on purpose: exchange types other than direct, policies, per-message
-``expiration``, ``x-max-length`` / ``x-overflow`` (so ``reject-publish`` never rejects),
-``x-expires``, ``x-single-active-consumer``, quorum-queue priorities, and the retention of
-unroutable dead letters by ``x-dead-letter-strategy: at-least-once`` (here a dead letter
-nobody is bound for is dropped, as with the default at-most-once strategy). Publisher confirms
-are always positive: nothing is lost in memory. Each broker object is its own server: two
-``MemoryBroker("memory://same")`` objects share nothing; the name only shows in messages.
-"""
+"""MemoryBroker: routing, settling, TTL expiry and dead-lettering (see the package docstring)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import heapq
 import itertools
 import logging
-import math
-import time
-from collections import deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Literal, TypeVarTuple
-from urllib.parse import urlsplit
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, Final, Literal, cast
+from urllib.parse import parse_qs, urlsplit
 
-import anyio
-from anyio.abc import TaskGroup
 from anyio.lowlevel import checkpoint
 
 from cuebx.brokers.base import DeliveryHandler
+from cuebx.brokers.memory.clock import CLOCK_MODES, NS_PER_S, Clock, ClockMode
+from cuebx.brokers.memory.host import TaskHost
+from cuebx.brokers.memory.queues import Consumer, Entry, MemoryDelivery, Outcome, Queue
 from cuebx.errors import (
     BrokerError,
     BrokerUnavailableError,
@@ -55,302 +26,19 @@ from cuebx.errors import (
     UnroutableError,
 )
 from cuebx.message import OutgoingMessage
-from cuebx.topology import Topology
+from cuebx.topology import Topology, describe_differences, diff
 
-__all__ = ["Clock", "MemoryBroker"]
+__all__ = ["MemoryBroker"]
 
 logger = logging.getLogger("cuebx.memory")
 
 DeathReason = Literal["expired", "rejected", "delivery_limit"]
-Outcome = Literal["acked", "rejected", "returned"]
-Ts = TypeVarTuple("Ts")
-
-_NS_PER_S: Final = 1_000_000_000
-_NS_PER_MS: Final = 1_000_000
-
-#: The queue arguments RabbitMQ compares when a queue of that type is declared again (its
-#: ``queue_arguments`` capability); it ignores the others, e.g. a classic queue's
-#: ``x-delivery-limit``.
-_CHECKED_ARGUMENTS: Final[Mapping[str, frozenset[str]]] = {
-    "classic": frozenset(
-        {
-            "x-dead-letter-exchange",
-            "x-dead-letter-routing-key",
-            "x-expires",
-            "x-max-length",
-            "x-max-length-bytes",
-            "x-max-priority",
-            "x-message-ttl",
-            "x-overflow",
-            "x-queue-master-locator",
-            "x-queue-mode",
-            "x-queue-type",
-            "x-queue-version",
-            "x-single-active-consumer",
-        }
-    ),
-    "quorum": frozenset(
-        {
-            "x-dead-letter-exchange",
-            "x-dead-letter-routing-key",
-            "x-dead-letter-strategy",
-            "x-delivery-limit",
-            "x-expires",
-            "x-max-in-memory-bytes",
-            "x-max-in-memory-length",
-            "x-max-length",
-            "x-max-length-bytes",
-            "x-message-ttl",
-            "x-overflow",
-            "x-queue-leader-locator",
-            "x-queue-type",
-            "x-quorum-initial-group-size",
-            "x-single-active-consumer",
-        }
-    ),
-}
-
-
-class Clock:
-    """The broker's time, in whole nanoseconds so that TTL arithmetic is exact.
-
-    It starts at 0 and stands still until `advance` moves it, so a test decides to the
-    millisecond when a retry tier's TTL runs out. With ``real_time=True`` it also follows
-    the monotonic clock, and `advance` jumps ahead of it.
-    """
-
-    def __init__(self, *, real_time: bool = False) -> None:
-        self.real_time = real_time
-        self._origin_ns = time.monotonic_ns()
-        self._skipped_ns = 0
-        self._started_at = datetime.now(UTC)
-        self._next_due: Callable[[], int | None] = lambda: None
-        self._on_moved: Callable[[], None] = lambda: None
-
-    def _bind(self, next_due: Callable[[], int | None], on_moved: Callable[[], None]) -> None:
-        self._next_due = next_due
-        self._on_moved = on_moved
-
-    def now(self) -> float:
-        """Return the time in seconds since the broker was created."""
-        return self.now_ns() / _NS_PER_S
-
-    def now_ns(self) -> int:
-        """Return the time in nanoseconds since the broker was created."""
-        elapsed = time.monotonic_ns() - self._origin_ns if self.real_time else 0
-        return elapsed + self._skipped_ns
-
-    def wall(self) -> datetime:
-        """Return the time as a UTC datetime (the broker's creation plus `now`)."""
-        return self._started_at + timedelta(microseconds=self.now_ns() // 1000)
-
-    async def advance(self, seconds: float) -> None:
-        """Move time forward, expiring messages whose TTL runs out on the way, in time order.
-
-        Time stops at each expiry so that a message dead-lettered into a queue with its own
-        TTL expires from there at the right moment, as with RabbitMQ's own timers.
-
-        Raises:
-            ValueError: `seconds` is negative or not finite: time only moves forward.
-        """
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValueError(f"cannot advance the clock by {seconds!r}s: time only moves forward")
-        target = self.now_ns() + round(seconds * _NS_PER_S)
-        while (due := self._next_due()) is not None and due <= target:
-            self._move_to(due)
-            self._on_moved()
-            await checkpoint()
-        self._move_to(target)
-        self._on_moved()
-        await checkpoint()
-
-    def _move_to(self, ns: int) -> None:
-        self._skipped_ns += max(0, ns - self.now_ns())
-
-
-@dataclass(slots=True, eq=False)
-class _Entry:
-    """One copy of a message in one queue; a requeue makes a new entry in the same place."""
-
-    message: OutgoingMessage
-    queue: _Queue
-    exchange: str
-    routing_key: str
-    seq: int
-    priority: int
-    expires_ns: int | None
-    returns: int = 0
-    ready: bool = False
-
-
-class _Queue:
-    """A queue: ready entries in delivery order, and its consumers in round-robin order."""
-
-    def __init__(self, name: str, arguments: Mapping[str, Any]) -> None:
-        self.name = name
-        self.arguments: dict[str, Any] = dict(arguments)
-        ttl = arguments.get("x-message-ttl")
-        self.ttl_ns: int | None = None if ttl is None else int(ttl) * _NS_PER_MS
-        self.max_priority: int | None = arguments.get("x-max-priority")
-        self.quorum = arguments.get("x-queue-type") == "quorum"
-        # Classic queues ignore x-delivery-limit; only quorum queues count redeliveries.
-        self.delivery_limit: int | None = arguments.get("x-delivery-limit") if self.quorum else None
-        self.consumers: deque[_Consumer] = deque()
-        self.ready = 0
-        self.deleted = False
-        # Highest priority first, then first in first out; entries that left are skipped.
-        self._heap: list[tuple[int, int, int, _Entry]] = []
-        self._pushes = itertools.count()
-
-    def priority_of(self, message: OutgoingMessage) -> int:
-        """RabbitMQ treats priorities above ``x-max-priority`` as the maximum."""
-        if self.max_priority is None:
-            return 0
-        return min(max(message.priority or 0, 0), self.max_priority)
-
-    def push(self, entry: _Entry) -> None:
-        entry.ready = True
-        self.ready += 1
-        heapq.heappush(self._heap, (-entry.priority, entry.seq, next(self._pushes), entry))
-
-    def pop(self) -> _Entry | None:
-        while self._heap:
-            entry = heapq.heappop(self._heap)[3]
-            if entry.ready:
-                self.remove(entry)
-                return entry
-        return None
-
-    def remove(self, entry: _Entry) -> None:
-        entry.ready = False
-        self.ready -= 1
-
-    def snapshot(self) -> list[_Entry]:
-        return [item[3] for item in sorted(self._heap) if item[3].ready]
-
-    def clear(self) -> int:
-        count = self.ready
-        for item in self._heap:
-            item[3].ready = False
-        self._heap.clear()
-        self.ready = 0
-        return count
-
-    def next_consumer(self) -> _Consumer | None:
-        """Pick the next consumer with room, rotating so that consumers take turns."""
-        for _ in range(len(self.consumers)):
-            consumer = self.consumers[0]
-            self.consumers.rotate(-1)
-            if consumer.has_room():
-                return consumer
-        return None
-
-
-class _Consumer:
-    """One ``basic.consume``: its handler, the context its calls start in, and the
-    deliveries it has not settled."""
-
-    def __init__(self, tag: str, queue: _Queue, prefetch: int, handler: DeliveryHandler) -> None:
-        self.tag = tag
-        self.queue = queue
-        self.prefetch = prefetch
-        self.handler = handler
-        # The context of whoever called consume(), as with the AMQP broker.
-        self.context = contextvars.copy_context()
-        self.active = True
-        self.unacked: dict[int, _MemoryDelivery] = {}
-
-    def has_room(self) -> bool:
-        # prefetch 0 means no limit, as with basic.qos.
-        return self.active and (self.prefetch == 0 or len(self.unacked) < self.prefetch)
-
-
-class _MemoryDelivery:
-    """A delivered message; settling it goes back to the broker, exactly once."""
-
-    __slots__ = ("_broker", "consumer", "delivery_tag", "entry", "headers", "outcome")
-
-    def __init__(self, broker: MemoryBroker, consumer: _Consumer, entry: _Entry, tag: int) -> None:
-        self._broker = broker
-        self.consumer = consumer
-        self.entry = entry
-        self.delivery_tag = tag
-        self.outcome: Outcome | None = None
-        headers = dict(entry.message.headers)
-        if entry.queue.quorum and entry.returns:
-            # Quorum queues tell consumers how often a message came back.
-            headers["x-delivery-count"] = entry.returns
-        self.headers: Mapping[str, Any] = headers
-
-    @property
-    def message(self) -> OutgoingMessage:
-        """The message as stored in the queue (dead-letter headers included)."""
-        return self.entry.message
-
-    @property
-    def queue(self) -> str:
-        return self.entry.queue.name
-
-    @property
-    def exchange(self) -> str:
-        return self.entry.exchange
-
-    @property
-    def routing_key(self) -> str:
-        return self.entry.routing_key
-
-    @property
-    def body(self) -> bytes:
-        return self.entry.message.body
-
-    @property
-    def message_id(self) -> str | None:
-        return self.entry.message.message_id
-
-    @property
-    def correlation_id(self) -> str | None:
-        return self.entry.message.correlation_id
-
-    @property
-    def content_type(self) -> str | None:
-        return self.entry.message.content_type
-
-    @property
-    def priority(self) -> int | None:
-        return self.entry.message.priority
-
-    @property
-    def timestamp(self) -> datetime | None:
-        return self.entry.message.timestamp
-
-    @property
-    def redelivered(self) -> bool:
-        return self.entry.returns > 0
-
-    async def ack(self) -> None:
-        """Acknowledge; a no-op once the channel closed (the message is back in its queue).
-
-        Raises:
-            BrokerError: the delivery was already acked or rejected.
-        """
-        # Settled before the checkpoint: a cancel arriving there cannot undo the ack.
-        self._broker._settle(self, "acked", requeue=False)
-        await checkpoint()
-
-    async def reject(self, *, requeue: bool) -> None:
-        """Requeue, or dead-letter per the queue's arguments (reason ``rejected``) or drop.
-
-        Raises:
-            BrokerError: the delivery was already acked or rejected.
-        """
-        self._broker._settle(self, "rejected", requeue=requeue)
-        await checkpoint()
 
 
 class _MemorySubscription:
     """A running consumer of a `MemoryBroker`."""
 
-    def __init__(self, broker: MemoryBroker, consumer: _Consumer) -> None:
+    def __init__(self, broker: MemoryBroker, consumer: Consumer) -> None:
         self._broker = broker
         self._consumer = consumer
 
@@ -372,65 +60,6 @@ class _MemorySubscription:
         self._broker._close_consumer(self._consumer)
 
 
-class _TaskHost:
-    """The broker's own task group, held open by one host task from `connect` to `close`.
-
-    A task group is entered and left by the same task, and `connect` and `close` may run in
-    different tasks (a FastAPI lifespan, a pytest fixture), so a host task holds it. That
-    task is the one asyncio-specific piece; the tasks inside it are plain anyio.
-
-    Its tasks start in a copy of the context given to `start_soon`, else in the host
-    task's: never in whoever happened to start them (a publisher whose message a consumer
-    gets at once).
-    """
-
-    def __init__(self) -> None:
-        self._group: TaskGroup | None = None
-        self._context: contextvars.Context | None = None
-        self._stop: anyio.Event | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise RuntimeError("MemoryBroker runs on anyio's asyncio backend only") from None
-        started = anyio.Event()
-        stop = self._stop = anyio.Event()
-
-        async def host() -> None:
-            async with anyio.create_task_group() as group:
-                self._group = group
-                self._context = contextvars.copy_context()
-                started.set()
-                await stop.wait()
-                group.cancel_scope.cancel()
-
-        self._task = loop.create_task(host(), name="cuebx memory broker")
-        # Shielded: a connect() cancelled here must still leave a host that close() stops.
-        with anyio.CancelScope(shield=True):
-            await started.wait()
-
-    def start_soon(
-        self,
-        func: Callable[[*Ts], Coroutine[Any, Any, None]],
-        *args: *Ts,
-        context: contextvars.Context | None = None,
-    ) -> None:
-        group, own = self._group, self._context
-        if group is None or own is None:
-            raise BrokerUnavailableError("the memory broker is closed")
-        (context if context is not None else own).run(lambda: group.start_soon(func, *args))
-
-    async def stop(self) -> None:
-        task, self._task, self._group, self._context = self._task, None, None, None
-        if task is None or self._stop is None:
-            return
-        self._stop.set()
-        with anyio.CancelScope(shield=True):
-            await task
-
-
 class MemoryBroker:
     """The `Broker` protocol in process, faithful to RabbitMQ, on a `Clock`.
 
@@ -439,37 +68,48 @@ class MemoryBroker:
     whether connected or not, for a testing kit to look at the broker between steps.
 
     Args:
-        url: ``memory://`` or ``memory://name`` (the name only shows in messages).
-        real_time: let TTLs run out in real time as well as through `Clock.advance`.
+        url: ``memory://`` or ``memory://name`` (the name only shows in messages);
+            ``?clock=auto|manual|real`` is another spelling of `clock`.
+        clock: how time moves (`cuebx.brokers.memory.clock`): ``"auto"`` (the default)
+            jumps to the next TTL expiry or `Clock.sleep` whenever the broker is idle,
+            ``"manual"`` only through `Clock.advance`, ``"real"`` in real time as well.
+        real_time: the same as ``clock="real"``.
         **options: accepted and ignored (``publish_timeout``, ``connection_name``...), so
             that an app configured for RabbitMQ runs unchanged on ``memory://``.
+
+    Raises:
+        ValueError: not a ``memory://`` URL, an unknown clock mode, or two different ones.
     """
 
-    def __init__(self, url: str = "memory://", *, real_time: bool = False, **options: Any) -> None:
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        clock: ClockMode | None = None,
+        real_time: bool = False,
+        **options: Any,
+    ) -> None:
         if urlsplit(url).scheme != "memory":
             raise ValueError(f"MemoryBroker needs a memory:// URL, not {url!r}")
         self.url = url
-        # memory://?clock=real makes TTLs expire in real time, for tests timed like RabbitMQ.
-        real_time = real_time or "clock=real" in urlsplit(url).query.split("&")
-        self.clock = Clock(real_time=real_time)
-        self.clock._bind(self._next_due_ns, self._on_clock_moved)
+        self.clock = Clock(_clock_mode(url, clock, real_time=real_time))
+        self.clock._bind(self._next_expiry_ns, self._fire_due, self.is_idle)
         self._connected = False
-        self._host = _TaskHost()
-        self._queues: dict[str, _Queue] = {}
+        self._host = TaskHost()
+        self._queues: dict[str, Queue] = {}
         # exchange -> routing key -> queue names (an ordered set), for direct exchanges.
         self._exchanges: dict[str, dict[str, dict[str, None]]] = {}
-        self._consumers: list[_Consumer] = []
+        self._consumers: list[Consumer] = []
         # (expiry, seq, push, entry) over all queues; entries that left are skipped.
-        self._expiries: list[tuple[int, int, int, _Entry]] = []
+        self._expiries: list[tuple[int, int, int, Entry]] = []
         self._seq = itertools.count()
         self._pushes = itertools.count()
         self._tags = itertools.count(1)
-        self._wakeup: anyio.Event | None = None
 
     # -- connection -------------------------------------------------------------------------
 
     async def connect(self) -> None:
-        """Open the connection (idempotent); in real-time mode, start the expiry timer."""
+        """Open the connection (idempotent) and start the timer of an auto or real clock."""
         if self._connected:
             return
         self._connected = True
@@ -478,8 +118,8 @@ class MemoryBroker:
         except BaseException:
             self._connected = False
             raise
-        if self.clock.real_time:
-            self._host.start_soon(self._expire_in_real_time)
+        if self.clock.mode != "manual":
+            self._host.start_soon(self.clock._run)
 
     async def close(self) -> None:
         """Close every consumer's channel, requeueing what is unacked, and stop the timer.
@@ -498,7 +138,6 @@ class MemoryBroker:
         for consumer in consumers:
             self._return_unacked(consumer)
         self._fire_due()
-        self._wakeup = None
         await self._host.stop()
 
     def _require_connected(self) -> None:
@@ -532,15 +171,15 @@ class MemoryBroker:
             for key in spec.routing_keys:
                 bindings.setdefault(key, {})[queue.name] = None
 
-    def _declare_queue(self, name: str, arguments: Mapping[str, Any]) -> _Queue:
+    def _declare_queue(self, name: str, arguments: Mapping[str, Any]) -> Queue:
         existing = self._queues.get(name)
         if existing is not None:
-            detail = _inequivalence(arguments, existing.arguments)
-            if detail:
-                raise TopologyConflictError(name, detail, arguments)
+            differences = diff(arguments, existing.arguments)
+            if differences:
+                raise TopologyConflictError(name, describe_differences(differences), arguments)
             return existing
         _check_arguments(name, arguments)
-        queue = self._queues[name] = _Queue(name, arguments)
+        queue = self._queues[name] = Queue(name, arguments)
         return queue
 
     async def delete(self, topology: Topology) -> None:
@@ -560,6 +199,7 @@ class MemoryBroker:
             return
         queue.deleted = True
         queue.clear()
+        self.clock._touched()
         for consumer in list(queue.consumers):
             self._stop_consumer(consumer)
         for bindings in self._exchanges.values():
@@ -626,8 +266,9 @@ class MemoryBroker:
         for queue in targets:
             self._enqueue(queue, stored, exchange, routing_key)
         self._fire_due()
+        self.clock._touched()
 
-    def _route(self, exchange: str, routing_key: str) -> list[_Queue] | None:
+    def _route(self, exchange: str, routing_key: str) -> list[Queue] | None:
         """Return the queues a message goes to, or None when the exchange does not exist."""
         if exchange == "":
             queue = self._queues.get(routing_key)
@@ -638,10 +279,10 @@ class MemoryBroker:
         return [self._queues[name] for name in bindings.get(routing_key, ())]
 
     def _enqueue(
-        self, queue: _Queue, message: OutgoingMessage, exchange: str, routing_key: str
+        self, queue: Queue, message: OutgoingMessage, exchange: str, routing_key: str
     ) -> None:
         expires = None if queue.ttl_ns is None else self.clock.now_ns() + queue.ttl_ns
-        entry = _Entry(
+        entry = Entry(
             message,
             queue,
             exchange,
@@ -653,17 +294,17 @@ class MemoryBroker:
         self._make_ready(entry)
         self._dispatch(queue)
 
-    def _make_ready(self, entry: _Entry) -> None:
+    def _make_ready(self, entry: Entry) -> None:
         """Put an entry in its queue, keeping its original place and expiry time."""
         if entry.queue.deleted:
             return
         entry.queue.push(entry)
         if entry.expires_ns is None:
             return
-        earliest = self._next_due_ns()
+        earliest = self._next_expiry_ns()
         heapq.heappush(self._expiries, (entry.expires_ns, entry.seq, next(self._pushes), entry))
         if earliest is None or entry.expires_ns < earliest:
-            self._wake()
+            self.clock._scheduled()
 
     # -- consuming --------------------------------------------------------------------------
 
@@ -690,26 +331,28 @@ class MemoryBroker:
         target = self._queues.get(queue)
         if target is None:
             raise TopologyError(f"cannot consume queue {queue!r}: it does not exist")
-        consumer = _Consumer(f"memory.ctag-{next(self._tags)}", target, prefetch, handler)
+        tag = f"memory.ctag-{next(self._tags)}"
+        consumer = Consumer(tag, target, prefetch, handler, self._settle)
         target.consumers.append(consumer)
         self._consumers.append(consumer)
         self._dispatch(target)
         self._fire_due()
+        self.clock._touched()
         return _MemorySubscription(self, consumer)
 
-    def _dispatch(self, queue: _Queue) -> None:
+    def _dispatch(self, queue: Queue) -> None:
         while queue.ready and (consumer := queue.next_consumer()) is not None:
             entry = queue.pop()
             if entry is None:
                 return
             self._deliver(consumer, entry)
 
-    def _deliver(self, consumer: _Consumer, entry: _Entry) -> None:
-        delivery = _MemoryDelivery(self, consumer, entry, next(self._tags))
+    def _deliver(self, consumer: Consumer, entry: Entry) -> None:
+        delivery = MemoryDelivery(consumer, entry, next(self._tags))
         consumer.unacked[delivery.delivery_tag] = delivery
         self._host.start_soon(self._handle, consumer, delivery, context=consumer.context)
 
-    async def _handle(self, consumer: _Consumer, delivery: _MemoryDelivery) -> None:
+    async def _handle(self, consumer: Consumer, delivery: MemoryDelivery) -> None:
         """Run the consumer's handler for one delivery."""
         if delivery.outcome is not None:
             return  # the consumer's channel closed before this task started
@@ -725,10 +368,10 @@ class MemoryBroker:
                 delivery.queue,
             )
 
-    def _cancel(self, consumer: _Consumer) -> None:
+    def _cancel(self, consumer: Consumer) -> None:
         self._stop_consumer(consumer)
 
-    def _close_consumer(self, consumer: _Consumer) -> None:
+    def _close_consumer(self, consumer: Consumer) -> None:
         self._detach(consumer)
         self._return_unacked(consumer)
         if consumer in self._consumers:
@@ -736,32 +379,34 @@ class MemoryBroker:
         self._dispatch(consumer.queue)
         self._fire_due()
 
-    def _stop_consumer(self, consumer: _Consumer) -> None:
+    def _stop_consumer(self, consumer: Consumer) -> None:
         consumer.active = False
         if consumer in consumer.queue.consumers:
             consumer.queue.consumers.remove(consumer)
         self._forget_if_done(consumer)
+        self.clock._touched()  # its queue's ready messages no longer wait for it
 
-    def _forget_if_done(self, consumer: _Consumer) -> None:
+    def _forget_if_done(self, consumer: Consumer) -> None:
         """Drop a stopped consumer once it holds nothing, so that none piles up."""
         if not consumer.active and not consumer.unacked and consumer in self._consumers:
             self._consumers.remove(consumer)
 
-    def _detach(self, consumer: _Consumer) -> None:
+    def _detach(self, consumer: Consumer) -> None:
         """Stop a consumer: its channel closes."""
         self._stop_consumer(consumer)
 
-    def _return_unacked(self, consumer: _Consumer) -> None:
+    def _return_unacked(self, consumer: Consumer) -> None:
         """Requeue what a closed channel held, as RabbitMQ does: redelivered, in place."""
         deliveries = list(consumer.unacked.values())
         consumer.unacked.clear()
         for delivery in deliveries:
             delivery.outcome = "returned"
             self._return(delivery.entry)
+        self.clock._touched()
 
     # -- settling ---------------------------------------------------------------------------
 
-    def _settle(self, delivery: _MemoryDelivery, outcome: Outcome, *, requeue: bool) -> None:
+    def _settle(self, delivery: MemoryDelivery, outcome: Outcome, requeue: bool) -> None:
         if delivery.outcome == "returned":
             return  # its channel closed, so the message is back in its queue already
         if delivery.outcome is not None:
@@ -782,8 +427,9 @@ class MemoryBroker:
             self._dead_letter(entry, "rejected")
         self._dispatch(consumer.queue)
         self._fire_due()
+        self.clock._touched()
 
-    def _return(self, entry: _Entry) -> None:
+    def _return(self, entry: Entry) -> None:
         """Requeue a delivered entry, or dead-letter it past a quorum delivery limit."""
         if entry.queue.deleted:
             return  # a deleted queue's messages are gone
@@ -796,15 +442,11 @@ class MemoryBroker:
 
     # -- expiry and dead-lettering ----------------------------------------------------------
 
-    def _next_due_ns(self) -> int | None:
+    def _next_expiry_ns(self) -> int | None:
         heap = self._expiries
         while heap and not heap[0][3].ready:
             heapq.heappop(heap)
         return heap[0][0] if heap else None
-
-    def _on_clock_moved(self) -> None:
-        self._fire_due()
-        self._wake()
 
     def _fire_due(self) -> None:
         """Expire every ready message whose TTL ran out, earliest first."""
@@ -816,7 +458,7 @@ class MemoryBroker:
                 entry.queue.remove(entry)
                 self._dead_letter(entry, "expired")
 
-    def _dead_letter(self, entry: _Entry, reason: DeathReason) -> None:
+    def _dead_letter(self, entry: Entry, reason: DeathReason) -> None:
         """Republish to the queue's dead-letter exchange with an ``x-death`` entry, or drop.
 
         Like RabbitMQ, this is not a mandatory publish: a dead letter nobody is bound for is
@@ -832,20 +474,6 @@ class MemoryBroker:
         for target in self._route(str(exchange), str(routing_key)) or ():
             if reason == "rejected" or not _is_cycle(target.name, deaths):
                 self._enqueue(target, message, str(exchange), str(routing_key))
-
-    async def _expire_in_real_time(self) -> None:
-        """Sleep until the next expiry, or until an earlier one is scheduled."""
-        while True:
-            wakeup = self._wakeup = anyio.Event()
-            due = self._next_due_ns()
-            delay = math.inf if due is None else max(0, due - self.clock.now_ns()) / _NS_PER_S
-            with anyio.move_on_after(delay):
-                await wakeup.wait()
-            self._fire_due()
-
-    def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
 
     # -- inspection -------------------------------------------------------------------------
 
@@ -880,7 +508,9 @@ class MemoryBroker:
         """
         await checkpoint()
         self._require_connected()
-        return self._queue(queue).clear()
+        purged = self._queue(queue).clear()
+        self.clock._touched()
+        return purged
 
     def messages(self, queue: str) -> list[OutgoingMessage]:
         """Return the ready messages of `queue` in delivery order, as stored.
@@ -904,18 +534,45 @@ class MemoryBroker:
         return not any(queue.ready and queue.consumers for queue in self._queues.values())
 
     def next_expiry(self) -> float | None:
-        """Return the clock time (seconds) of the next TTL expiry, or None."""
-        due = self._next_due_ns()
-        return None if due is None else due / _NS_PER_S
+        """Return the clock time (seconds) of the next TTL expiry, or None.
 
-    def _queue(self, name: str) -> _Queue:
+        Only TTLs count: a task waiting in `Clock.sleep` (a schedule) is not work to drain.
+        """
+        due = self._next_expiry_ns()
+        return None if due is None else due / NS_PER_S
+
+    def _queue(self, name: str) -> Queue:
         try:
             return self._queues[name]
         except KeyError:
             raise LookupError(f"queue {name!r} does not exist") from None
 
 
-def _with_death(entry: _Entry, reason: DeathReason, at: datetime) -> OutgoingMessage:
+def _clock_mode(url: str, clock: str | None, *, real_time: bool) -> ClockMode:
+    """Resolve the clock mode from the argument, ``real_time`` and the URL's ``?clock=``.
+
+    Raises:
+        ValueError: an unknown mode, or two spellings asking for different ones.
+    """
+    asked: dict[str, str] = {}
+    for value in parse_qs(urlsplit(url).query).get("clock", []):
+        asked[f"?clock={value} in the URL"] = value
+    if clock is not None:
+        asked[f"clock={clock!r}"] = clock
+    if real_time:
+        asked["real_time=True"] = "real"
+    modes = set(asked.values())
+    if len(modes) > 1:
+        raise ValueError(f"MemoryBroker got two clock modes: {', '.join(asked)}")
+    mode = modes.pop() if modes else "auto"
+    if mode not in CLOCK_MODES:
+        raise ValueError(
+            f"unknown clock mode {mode!r} for {url}: use 'auto' (the default), 'manual' or 'real'"
+        )
+    return cast(ClockMode, mode)
+
+
+def _with_death(entry: Entry, reason: DeathReason, at: datetime) -> OutgoingMessage:
     """Copy the message with RabbitMQ's ``x-death`` (newest first) and first/last-death headers.
 
     An existing entry for the same queue and reason has its count raised and moves first.
@@ -956,38 +613,6 @@ def _is_cycle(target: str, deaths: Sequence[Mapping[str, Any]]) -> bool:
         if death.get("queue") == target:
             return True
     return False
-
-
-def _inequivalence(wanted: Mapping[str, Any], current: Mapping[str, Any]) -> str:
-    """Describe, as `AmqpBroker` does, every checked argument that differs; "" when none does.
-
-    RabbitMQ names only the first; naming all of them saves a round of fixes.
-    """
-    checked = _CHECKED_ARGUMENTS[_effective(current, "x-queue-type")]
-    problems = []
-    for key in sorted(checked & (wanted.keys() | current.keys())):
-        received, have = _effective(wanted, key), _effective(current, key)
-        if not _same(received, have):
-            problems.append(
-                f"argument {key!r}: cuebx wants {_show(received)}, the broker has {_show(have)}"
-            )
-    return "; ".join(problems)
-
-
-def _effective(arguments: Mapping[str, Any], key: str) -> Any:
-    # A queue declared without x-queue-type is a classic queue.
-    if key == "x-queue-type":
-        return arguments.get(key, "classic")
-    return arguments.get(key)
-
-
-def _same(a: Any, b: Any) -> bool:
-    # AMQP tables type their values: true is not 1.
-    return isinstance(a, bool) == isinstance(b, bool) and a == b
-
-
-def _show(value: Any) -> str:
-    return "none" if value is None else repr(value)
 
 
 def _is_count(value: Any, *, low: int = 0, high: int | None = None) -> bool:

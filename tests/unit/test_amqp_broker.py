@@ -1,0 +1,71 @@
+"""The AMQP broker's translation of RabbitMQ's reply texts (no broker needed)."""
+
+from __future__ import annotations
+
+import aiormq
+import pytest
+
+from cuebx.brokers.amqp import _precondition_detail
+
+
+@pytest.mark.parametrize(
+    ("reply", "detail"),
+    [
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q.retry.5s' in "
+            "vhost '/': received the value '10000' of type 'signedint' but current is the "
+            "value '5000' of type 'long'",
+            "argument 'x-message-ttl': cuebx wants 10000, the broker has 5000",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-message-ttl' for queue 'q.retry.5s' in "
+            "vhost '/': received '2000' but current is '1000'",
+            "argument 'x-message-ttl': cuebx wants 2000, the broker has 1000",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'q' "
+            "in vhost '/': received the value 'q.other' of type 'longstr' but current is the "
+            "value 'q.dlq' of type 'longstr'",
+            "argument 'x-dead-letter-routing-key': cuebx wants 'q.other', the broker has 'q.dlq'",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'q' "
+            "in vhost '/': received 'it's' but current is ''",
+            "argument 'x-dead-letter-routing-key': cuebx wants \"it's\", the broker has ''",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'q' in vhost "
+            "'/': received the value 'quorum' of type 'longstr' but current is none",
+            "argument 'x-queue-type': cuebx wants 'quorum', the broker has none",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-max-priority' for queue 'q' in vhost "
+            "'/': received none but current is the value '5' of type 'signedint'",
+            "argument 'x-max-priority': cuebx wants none, the broker has 5",
+        ),
+        (
+            "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-routing-key' for queue 'q' "
+            "in vhost '/': received the value '007' of type 'longstr' but current is the "
+            "value '-5' of type 'longstr'",
+            "argument 'x-dead-letter-routing-key': cuebx wants '007', the broker has -5",
+        ),
+        (
+            "PRECONDITION_FAILED - invalid arg 'x-message-ttl' for queue 'q'",
+            "PRECONDITION_FAILED - invalid arg 'x-message-ttl' for queue 'q'",
+        ),
+    ],
+    ids=[
+        "an integer reads as a number",
+        "values RabbitMQ quotes without their type read the same",
+        "a string reads quoted",
+        "quotes inside a value and an empty value are kept",
+        "a missing current value reads none",
+        "a missing wanted value reads none",
+        "only text that is exactly an integer reads as one",
+        "a reply naming no inequivalent argument is kept as it is",
+    ],
+)
+def test_a_precondition_failure_reads_like_a_topology_diff(reply: str, detail: str) -> None:
+    error = aiormq.exceptions.ChannelPreconditionFailed(reply)
+
+    assert _precondition_detail(error) == detail
