@@ -3,7 +3,8 @@
 Fixtures (async ones need an async test runner such as anyio's pytest plugin):
 
 - ``cuebx_memory``: ``cuebx_memory(app)`` points an app at a fresh in-memory broker for the
-  test and returns that broker; the app's own broker is restored afterwards.
+  test and returns that broker; the app's own broker is restored afterwards. Pass
+  ``clock="manual"`` to move its time only by hand.
 - ``cuebx_worker``: ``await cuebx_worker(app)`` connects the app and runs its consumers in
   the test's event loop; they are stopped and the app closed when the test ends.
 """
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 
 from cuebx.app import Cuebx
-from cuebx.brokers.memory import MemoryBroker
+from cuebx.brokers.memory import ClockMode, MemoryBroker
 from cuebx.testing import running, use_memory_broker
 from cuebx.worker import Worker
 
@@ -25,12 +26,12 @@ __all__ = ["cuebx_memory", "cuebx_worker"]
 
 
 @pytest.fixture
-def cuebx_memory() -> Iterator[Callable[[Cuebx], MemoryBroker]]:
-    """Point apps at in-memory brokers for one test."""
+def cuebx_memory() -> Iterator[Callable[..., MemoryBroker]]:
+    """Point apps at in-memory brokers for one test: ``cuebx_memory(app, clock="manual")``."""
     with ExitStack() as stack:
 
-        def use(app: Cuebx) -> MemoryBroker:
-            return stack.enter_context(use_memory_broker(app))
+        def use(app: Cuebx, *, clock: ClockMode | None = None) -> MemoryBroker:
+            return stack.enter_context(use_memory_broker(app, clock=clock))
 
         yield use
 

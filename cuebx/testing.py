@@ -1,9 +1,10 @@
 """Test your tasks the way they run: encoded, retried through tiers, dead-lettered.
 
 Point an app at an in-memory broker, run a worker in the test's event loop, publish, then
-`drain` until every queue and retry tier is empty. On ``memory://`` the broker's clock is
-advanced to each TTL expiry instead of waiting, so a retry ladder of hours runs in
-milliseconds. Every helper also works against RabbitMQ (waiting real time for the tiers).
+`drain` until every queue and retry tier is empty. On ``memory://`` the broker's clock jumps
+to each TTL expiry instead of waiting (by itself, or through `drain` on a manual clock), so a
+retry ladder of hours runs in milliseconds. Every helper also works against RabbitMQ
+(waiting real time for the tiers).
 
     async def test_flaky_email_ends_in_the_dead_letter_queue() -> None:
         with use_memory_broker(app):
@@ -27,7 +28,7 @@ import msgspec
 
 from cuebx.app import Cuebx
 from cuebx.brokers.base import Broker, Delivery
-from cuebx.brokers.memory import MemoryBroker
+from cuebx.brokers.memory import ClockMode, MemoryBroker
 from cuebx.message import (
     HEADER_ATTEMPT,
     HEADER_ERROR,
@@ -53,14 +54,24 @@ __all__ = [
 
 
 @contextmanager
-def use_memory_broker(app: Cuebx, url: str = "memory://") -> Iterator[MemoryBroker]:
+def use_memory_broker(
+    app: Cuebx, url: str = "memory://", *, clock: ClockMode | None = None
+) -> Iterator[MemoryBroker]:
     """Point `app` at a fresh in-memory broker for the duration of the block.
 
     The app's own URL is untouched: after the block it talks to its real broker again.
+
+    Args:
+        app: the app under test.
+        url: the memory broker's URL (``memory://?clock=manual`` is another way to pick
+            the clock).
+        clock: ``"auto"`` (the default: time jumps ahead whenever the broker is idle),
+            ``"manual"`` (time moves only through `Clock.advance` and `drain`) or
+            ``"real"``.
     """
     if app.workers:
         raise RuntimeError("use_memory_broker() must be entered before consumers start")
-    broker = MemoryBroker(url)
+    broker = MemoryBroker(url, clock=clock)
     saved = app.use_broker(broker)
     try:
         yield broker
@@ -96,6 +107,9 @@ async def drain(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
 
 async def settle(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
     """Wait until the workers have handled every ready message, without moving time.
+
+    Meant for a manual clock (``use_memory_broker(app, clock="manual")``): an ``auto`` clock
+    moves by itself whenever the broker is idle.
 
     Unlike `drain`, messages waiting out a retry tier's TTL stay there: on ``memory://``
     the clock does not move, so a test can look at the tier, then `Clock.advance` it.

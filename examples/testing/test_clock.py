@@ -49,7 +49,7 @@ async def test_a_retry_waits_in_its_tier_until_the_test_moves_the_clock(
         raise ConnectionError("mail server down")
 
     monkeypatch.setattr(signups, "deliver_email", down)
-    with use_memory_broker(signups.app, "memory://?clock=manual") as broker:
+    with use_memory_broker(signups.app, clock="manual") as broker:
         async with running(signups.app):
             await signups.send_welcome.delay("ann@example.com")
             await settle(signups.app)  # the first attempt failed...

@@ -106,7 +106,7 @@ async def test_settle_runs_what_is_ready_and_leaves_a_manual_clock_to_the_test()
         raise ConnectionError("smtp down")
 
     # The default clock would jump to the tier's expiry by itself: this test moves it.
-    with use_memory_broker(app, "memory://?clock=manual") as broker:
+    with use_memory_broker(app, clock="manual") as broker:
         async with running(app):
             await send_welcome.delay("ann@example.com")
             await settle(app)  # the first attempt failed; its copy waits in the tier
@@ -119,3 +119,12 @@ async def test_settle_runs_what_is_ready_and_leaves_a_manual_clock_to_the_test()
             assert attempts == [0, 1]
             [dead] = await dead_letters(app, "signups")
             assert dead.reason == "exhausted"
+
+
+async def test_the_memory_fixture_takes_a_clock_mode(
+    cuebx_memory: Callable[..., MemoryBroker],
+) -> None:
+    app = Cuebx("amqp://guest:guest@nowhere.invalid:5672/")
+    broker = cuebx_memory(app, clock="manual")
+    assert broker.clock.mode == "manual"
+    assert app.broker is broker
