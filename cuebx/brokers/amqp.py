@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from cuebx.brokers.base import DeliveryHandler, SystemClock, mask_url
+from cuebx.brokers.base import DeliveryHandler, QueueState, SystemClock, mask_url
 from cuebx.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -141,7 +141,7 @@ class _AmqpDelivery:
 
     def __init__(self, message: DeliveredMessage, acks: _Acks) -> None:
         delivery = message.delivery
-        assert isinstance(delivery, spec.Basic.Deliver)
+        assert isinstance(delivery, spec.Basic.Deliver | spec.Basic.GetOk)
         self._channel = message.channel
         self._acks = acks
         self._props = message.header.properties
@@ -366,6 +366,9 @@ class AmqpBroker:
         self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
         self._subscriptions: set[_Subscription] = set()
         self._lock = anyio.Lock()
+        # The channel of `get`, with the acks of what it fetched.
+        self._getter: AbstractRobustChannel | None = None
+        self._getter_acks: _Acks | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -390,6 +393,18 @@ class AmqpBroker:
             )
             self._connection = connection
 
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up; False while aio-pika restores a lost one."""
+        connection = self._connection
+        return (
+            connection is not None
+            and not connection.is_closed
+            and connection.connected.is_set()
+            and connection.transport is not None
+            and not connection.transport.connection.is_closed
+        )
+
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise BrokerUnavailableError(
@@ -401,6 +416,7 @@ class AmqpBroker:
         async with self._lock:
             connection, self._connection = self._connection, None
             subscriptions, self._subscriptions = list(self._subscriptions), set()
+            self._getter = self._getter_acks = None
             if connection is None:
                 return
             for subscription in subscriptions:
@@ -487,6 +503,111 @@ class AmqpBroker:
                     break
                 found.append(_as_outgoing(message))
         return found
+
+    async def get(self, queue: str) -> _AmqpDelivery | None:
+        """``basic.get`` on the broker's channel for gets; settle the delivery on it.
+
+        The channel stays open between calls, so a delivery fetched here stays unacked (and
+        invisible to consumers) until it is settled, the broker is closed or the connection
+        is lost; then RabbitMQ puts it back.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        underlay = await self._get_channel()
+        try:
+            message = await underlay.basic_get(queue, no_ack=False)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise LookupError(f"queue {queue!r} does not exist") from None
+        if not isinstance(message.delivery, spec.Basic.GetOk):
+            return None
+        acks = self._getter_acks
+        if acks is None or acks.channel is not underlay:
+            acks = self._getter_acks = _Acks(underlay)
+        return _AmqpDelivery(message, acks)
+
+    async def _get_channel(self) -> aiormq.abc.AbstractChannel:
+        """The open aiormq channel of `get`; a fresh one after a channel error closed it."""
+        channel = self._getter
+        if channel is not None and not channel.is_closed:
+            underlay = await channel.get_underlay_channel()
+            if not underlay.is_closed:
+                return underlay
+            await channel.close()
+        channel = self._getter = await self._require().channel(publisher_confirms=False)
+        return await channel.get_underlay_channel()
+
+    async def queue_state(self, queue: str) -> QueueState | None:
+        try:
+            async with self._scratch_channel(queue) as channel:
+                ok = await channel.queue_declare(queue, passive=True)
+        except LookupError:
+            return None
+        return QueueState(queue, int(ok.message_count or 0), int(ok.consumer_count or 0))
+
+    async def compare_queue(
+        self, queue: str, arguments: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Learn how `queue` differs by declaring it again on scratch channels.
+
+        RabbitMQ names one inequivalent argument per refusal, with both values; the broker's
+        value is put into the next declaration until one succeeds, so each argument is
+        found in turn. A passive declaration first: nothing missing is ever created (a queue
+        deleted between the two would be, by the declaration that follows).
+        """
+        if await self.queue_state(queue) is None:
+            return None
+        trial = dict(arguments)
+        flags: dict[str, Any] = {"durable": True, "auto_delete": False}
+        found: dict[str, Any] = {}
+        for _ in range(len(trial) + len(flags) + 8):
+            try:
+                async with self._scratch_channel(queue) as channel:
+                    await channel.queue_declare(queue, arguments=trial, **flags)
+                return found
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                text = _reply_text(exc)
+                current = _current_value(text, {**trial, **flags})
+                if current is None:
+                    raise TopologyError(f"cannot compare queue {queue!r}: {text}") from None
+            except (LookupError, aiormq.exceptions.AMQPError) as exc:
+                raise TopologyError(f"cannot compare queue {queue!r}: {_reply_text(exc)}") from None
+            argument, value = current
+            found[argument] = value
+            if argument in flags:
+                flags[argument] = bool(value)
+            elif value is None:
+                trial.pop(argument, None)
+            else:
+                trial[argument] = value
+        raise TopologyError(f"cannot compare queue {queue!r}: RabbitMQ kept refusing ({text})")
+
+    async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
+        """Learn how `exchange` differs, by a passive declaration, then declarations again."""
+        try:
+            async with self._scratch_channel() as channel:
+                await channel.exchange_declare(exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        flags: dict[str, Any] = {"exchange_type": kind, "durable": True}
+        found: dict[str, Any] = {}
+        for _ in range(4):
+            try:
+                async with self._scratch_channel() as channel:
+                    await channel.exchange_declare(exchange, **flags)
+                return found
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                current = _current_value(
+                    _reply_text(exc), {"type": kind, "durable": flags["durable"]}
+                )
+                if current is None:
+                    raise TopologyError(
+                        f"cannot compare exchange {exchange!r}: {_reply_text(exc)}"
+                    ) from None
+            argument, value = current
+            found[argument] = value
+            flags["exchange_type" if argument == "type" else argument] = value
+        raise TopologyError(f"cannot compare exchange {exchange!r}: RabbitMQ kept refusing")
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -617,6 +738,63 @@ _INEQUIVALENT = re.compile(
     r"received (?:none|the value '(?P<received>.*?)' of type '\w+'|'(?P<received_bare>.*?)')"
     r" but current is (?:none|the value '(?P<current>.*?)' of type '\w+'|'(?P<current_bare>.*)')"
 )
+
+
+#: The broker's side of a PRECONDITION_FAILED reply: "... but current is none", "... but
+#: current is the value '1000' of type 'short'", or "... but current is '1000'" (bare when
+#: both sides have a value).
+_CURRENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)'.* but current is "
+    r"(?:none|the value '(?P<typed>.*)' of type '(?P<type>\w+)'|'(?P<bare>.*)')$"
+)
+_INTEGER_TYPES = frozenset(
+    {"byte", "short", "signedint", "long", "unsignedbyte", "unsignedshort", "unsignedint"}
+)
+
+
+def _current_value(text: str, declared: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """Read the argument RabbitMQ refused and the queue's own value of it from `text`.
+
+    A typed value is read as its AMQP type says; a bare one like the value `declared` for
+    it, unless that reads the same as ours: then only the types differ, and the queue's is
+    the other kind (a string where we sent a number, or the reverse).
+    """
+    match = _CURRENT.search(text)
+    if match is None:
+        return None
+    argument = match["arg"]
+    if match["typed"] is not None:
+        return argument, _typed_value(match["typed"], match["type"])
+    if match["bare"] is None:
+        return argument, None
+    ours = declared.get(argument)
+    value = _value_like(match["bare"], ours)
+    if type(value) is type(ours) and value == ours:
+        value = match["bare"] if not isinstance(ours, str) else _reply_value(match["bare"])
+    return argument, value
+
+
+def _typed_value(text: str, kind: str) -> Any:
+    if kind in _INTEGER_TYPES:
+        return int(text)
+    if kind == "bool":
+        return text == "true"
+    if kind in ("float", "double"):
+        return float(text)
+    return text
+
+
+def _value_like(text: str, ours: Any) -> Any:
+    try:
+        if isinstance(ours, bool):
+            return text == "true"
+        if isinstance(ours, int):
+            return int(text)
+        if isinstance(ours, float):
+            return float(text)
+    except ValueError:
+        pass
+    return text
 
 
 def _reply_text(exc: BaseException) -> str:

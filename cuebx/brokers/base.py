@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,7 @@ __all__ = [
     "Clock",
     "Delivery",
     "DeliveryHandler",
+    "QueueState",
     "Subscription",
     "BROKER_SCHEMES",
     "SystemClock",
@@ -122,10 +124,35 @@ class SystemClock:
         await self.sleep_until(epoch_seconds)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """What a broker tells about one queue without taking anything from it.
+
+    Attributes:
+        name: the queue.
+        ready: messages ready for delivery.
+        consumers: consumers registered on it.
+        unacked: messages delivered and not yet settled, when the broker says
+            (``memory://`` does; RabbitMQ's ``queue.declare-ok`` carries ready and consumers
+            only, so over AMQP it is None).
+    """
+
+    name: str
+    ready: int
+    consumers: int
+    unacked: int | None = None
+
+
 class Broker(Protocol):
     """What cuebx needs from a broker."""
 
     url: str
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open (False before `connect`, after `close`, and
+        while a lost connection is being restored)."""
+        ...
 
     @property
     def clock(self) -> Clock:
@@ -188,6 +215,38 @@ class Broker(Protocol):
 
     async def peek(self, queue: str, limit: int = 1000) -> list[OutgoingMessage]:
         """Return up to `limit` ready messages of `queue`, in order, leaving them there."""
+
+    async def get(self, queue: str) -> Delivery | None:
+        """Take the next ready message of `queue` (``basic.get``), or None when there is none.
+
+        The delivery is settled like a consumed one: ack it, or reject it. Until then it is
+        unacked, and closing the broker (or losing the connection) puts it back.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+
+    async def queue_state(self, queue: str) -> QueueState | None:
+        """Describe `queue` (a passive ``queue.declare``), or return None if it does not exist."""
+
+    async def compare_queue(
+        self, queue: str, arguments: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Tell how `queue` differs from a declaration with `arguments` (durable), changing nothing.
+
+        Returns:
+            None when the queue does not exist; else, for every argument a declaration would
+            be refused over, the queue's own value (None when the queue does not set it);
+            ``durable`` is named like an argument. Empty when the declaration would succeed.
+        """
+
+    async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
+        """Tell how `exchange` differs from a durable exchange of type `kind`, changing nothing.
+
+        Returns:
+            None when it does not exist; else ``{"type": ...}`` and/or ``{"durable": ...}``
+            with the exchange's own values where they differ; empty when they match.
+        """
 
 
 BROKER_SCHEMES = {

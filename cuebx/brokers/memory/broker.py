@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from anyio.lowlevel import checkpoint
 
-from cuebx.brokers.base import DeliveryHandler
+from cuebx.brokers.base import Delivery, DeliveryHandler, QueueState
 from cuebx.brokers.memory.clock import CLOCK_MODES, NS_PER_S, Clock, ClockMode
 from cuebx.brokers.memory.host import TaskHost
 from cuebx.brokers.memory.queues import Consumer, Entry, MemoryDelivery, Outcome, Queue
@@ -139,6 +139,11 @@ class MemoryBroker:
             self._return_unacked(consumer)
         self._fire_due()
         await self._host.stop()
+
+    @property
+    def connected(self) -> bool:
+        """True between `connect` and `close`."""
+        return self._connected
 
     def _require_connected(self) -> None:
         if not self._connected:
@@ -512,6 +517,68 @@ class MemoryBroker:
         self.clock._touched()
         return purged
 
+    async def get(self, queue: str) -> MemoryDelivery | None:
+        """Take the next ready message of `queue` (``basic.get``), or None when it has none.
+
+        The delivery belongs to a channel of its own: ack or reject it; `close` puts it back
+        (marked redelivered, counted on a quorum queue) if it is still unsettled.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        self._fire_due()
+        target = self._queue(queue)
+        entry = target.pop()
+        if entry is None:
+            return None
+        getter = Consumer(f"memory.get-{next(self._tags)}", target, 0, _not_consuming, self._settle)
+        getter.active = False  # never handed deliveries: it only holds this one
+        self._consumers.append(getter)
+        delivery = MemoryDelivery(getter, entry, next(self._tags))
+        getter.unacked[delivery.delivery_tag] = delivery
+        self.clock._touched()
+        return delivery
+
+    async def queue_state(self, queue: str) -> QueueState | None:
+        """Describe `queue`: ready, consumers and unacked, or None if it does not exist."""
+        await checkpoint()
+        self._require_connected()
+        self._fire_due()
+        target = self._queues.get(queue)
+        if target is None:
+            return None
+        unacked = sum(
+            1
+            for consumer in self._consumers
+            for delivery in consumer.unacked.values()
+            if delivery.entry.queue is target
+        )
+        return QueueState(queue, target.ready, len(target.consumers), unacked)
+
+    async def compare_queue(
+        self, queue: str, arguments: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The queue's own values of the arguments a declaration would be refused over.
+
+        Memory queues are all durable, so ``durable`` never differs.
+        """
+        await checkpoint()
+        self._require_connected()
+        existing = self._queues.get(queue)
+        if existing is None:
+            return None
+        return {d.argument: d.current for d in diff(arguments, existing.arguments)}
+
+    async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
+        """Memory exchanges are durable direct exchanges: only `kind` can differ."""
+        await checkpoint()
+        self._require_connected()
+        if exchange not in self._exchanges:
+            return None
+        return {} if kind == "direct" else {"type": "direct"}
+
     def messages(self, queue: str) -> list[OutgoingMessage]:
         """Return the ready messages of `queue` in delivery order, as stored.
 
@@ -546,6 +613,11 @@ class MemoryBroker:
             return self._queues[name]
         except KeyError:
             raise LookupError(f"queue {name!r} does not exist") from None
+
+
+async def _not_consuming(delivery: Delivery) -> None:
+    """The handler of a `MemoryBroker.get` channel, which consumes nothing."""
+    raise AssertionError("a basic.get channel has no consumer")  # pragma: no cover
 
 
 def _clock_mode(url: str, clock: str | None, *, real_time: bool) -> ClockMode:
