@@ -17,6 +17,7 @@ from cuebx.context import TaskContext
 from cuebx.durations import Duration
 from cuebx.errors import ConfigurationError, DuplicateTaskError
 from cuebx.middleware import Middleware, Stack
+from cuebx.ops.dlq import DeadLetters
 from cuebx.policy import RetrySpec
 from cuebx.publisher import Publisher
 from cuebx.settings import Settings, check_seconds
@@ -214,6 +215,14 @@ class Cuebx:
         if self._topology is None:
             self._topology = self._plan(self.tasks.values())
         return self._topology
+
+    @property
+    def dlq(self) -> DeadLetters:
+        """Dead-letter operations on this app's broker: ``await app.dlq.ls()``, ``replay``...
+
+        See `cuebx.ops.dlq.DeadLetters`; ``cuebx dlq`` is the same from the command line.
+        """
+        return DeadLetters(self.broker, self.topology())
 
     def add_middleware(self, middleware: Middleware) -> None:
         """Add a plug-in; its ``before_*`` hooks run after those added before it.

@@ -27,8 +27,10 @@ __all__ = [
     "HEADER_ORIGIN_QUEUE",
     "HEADER_REDELIVERIES",
     "HEADER_REASON",
+    "HEADER_REPLAYED",
     "HEADER_TASK",
     "Codec",
+    "DEAD_LETTER_HEADERS",
     "DeadLetterReason",
     "OutgoingMessage",
     "SERIALIZERS",
@@ -38,6 +40,7 @@ __all__ = [
     "header_count",
     "is_model_type",
     "new_message_id",
+    "replay_copy",
     "retry_copy",
 ]
 
@@ -50,6 +53,14 @@ HEADER_FAILED_AT = "x-cuebx-failed-at"
 HEADER_ORIGIN_QUEUE = "x-cuebx-origin-queue"
 #: Deliveries of this message on a classic queue that ended without an ack or reject.
 HEADER_REDELIVERIES = "x-cuebx-redeliveries"
+
+#: Times a message was replayed out of a dead-letter queue (``cuebx dlq replay``).
+HEADER_REPLAYED = "x-cuebx-replayed"
+
+#: The stamps of a dead-lettered copy (see `dead_letter_copy`).
+DEAD_LETTER_HEADERS = frozenset(
+    {HEADER_REASON, HEADER_ERROR_TYPE, HEADER_ERROR, HEADER_FAILED_AT, HEADER_ORIGIN_QUEUE}
+)
 
 #: Headers RabbitMQ sets when it dead-letters or redelivers a message. A copy cuebx
 #: publishes is a new message: carrying them over would let RabbitMQ's dead-letter cycle
@@ -228,6 +239,21 @@ def dead_letter_copy(
         HEADER_ORIGIN_QUEUE: queue,
     }
     return replace(message, headers=stamped)
+
+
+def replay_copy(message: OutgoingMessage) -> OutgoingMessage:
+    """Copy a dead-lettered message for a new run: as first published, counted as replayed.
+
+    The dead-letter stamps, RabbitMQ's dead-letter and delivery headers and the redelivery
+    count go; the attempt is 0 again (a full set of retries); ``x-cuebx-replayed`` counts
+    the replays. Body, ids, timestamp and every other header (a W3C ``traceparent``, say)
+    stay. If it fails again, its new dead-letter stamps say why.
+    """
+    dropped = DEAD_LETTER_HEADERS | BROKER_HEADERS | {HEADER_REDELIVERIES}
+    headers = {k: v for k, v in message.headers.items() if k not in dropped}
+    headers[HEADER_ATTEMPT] = 0
+    headers[HEADER_REPLAYED] = header_count(message.headers.get(HEADER_REPLAYED)) + 1
+    return replace(message, headers=headers)
 
 
 # A random 128-bit number with the version (4) and variant bits of a UUID4 put in place.
