@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from cuebx.brokers.base import DeliveryHandler, QueueState, SystemClock, mask_url
+from cuebx.brokers.base import UNREADABLE, DeliveryHandler, QueueState, SystemClock, mask_url
 from cuebx.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -557,29 +557,18 @@ class AmqpBroker:
         """
         if await self.queue_state(queue) is None:
             return None
-        trial = dict(arguments)
-        flags: dict[str, Any] = {"durable": True, "auto_delete": False}
-        found: dict[str, Any] = {}
-        for _ in range(len(trial) + len(flags) + 8):
+        probe = _Probe(dict(arguments))
+        for _ in range(2 * len(arguments) + 8):
             try:
                 async with self._scratch_channel(queue) as channel:
-                    await channel.queue_declare(queue, arguments=trial, **flags)
-                return found
+                    await channel.queue_declare(queue, arguments=probe.trial, **probe.flags)
+                return probe.found
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 text = _reply_text(exc)
-                current = _current_value(text, {**trial, **flags})
-                if current is None:
-                    raise TopologyError(f"cannot compare queue {queue!r}: {text}") from None
+                if not probe.learn(text):
+                    return probe.found
             except (LookupError, aiormq.exceptions.AMQPError) as exc:
                 raise TopologyError(f"cannot compare queue {queue!r}: {_reply_text(exc)}") from None
-            argument, value = current
-            found[argument] = value
-            if argument in flags:
-                flags[argument] = bool(value)
-            elif value is None:
-                trial.pop(argument, None)
-            else:
-                trial[argument] = value
         raise TopologyError(f"cannot compare queue {queue!r}: RabbitMQ kept refusing ({text})")
 
     async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
@@ -750,6 +739,52 @@ _CURRENT = re.compile(
 _INTEGER_TYPES = frozenset(
     {"byte", "short", "signedint", "long", "unsignedbyte", "unsignedshort", "unsignedint"}
 )
+
+
+class _Probe:
+    """What `AmqpBroker.compare_queue` declares next, and what it learnt so far."""
+
+    def __init__(self, trial: dict[str, Any]) -> None:
+        self.trial = trial
+        self.flags: dict[str, Any] = {"durable": True, "auto_delete": False}
+        self.found: dict[str, Any] = {}
+        self._blind: set[str] = set()
+
+    def learn(self, text: str) -> bool:
+        """Put the queue's value named in `text` into the next trial; False to stop.
+
+        RabbitMQ cuts its reply text at 255 bytes, which long names overrun: when the
+        queue's value is cut off, the argument is left out of the next trial, so the reply
+        names it again without our value ("received none but current is ..."), shorter.
+        If that is cut too, the value is `UNREADABLE` and the probe stops there.
+
+        Raises:
+            TopologyError: `text` is not an inequivalent-argument refusal.
+        """
+        current = _current_value(text, {**self.trial, **self.flags})
+        if current is None:
+            named = _NAMED.search(text)
+            if named is None:
+                raise TopologyError(f"cannot compare: {text}")
+            argument = named["arg"]
+            if argument in self.trial and argument not in self._blind:
+                self._blind.add(argument)
+                self.trial.pop(argument)
+                return True
+            self.found[argument] = UNREADABLE
+            return False
+        argument, value = current
+        self.found[argument] = value
+        if argument in self.flags:
+            self.flags[argument] = bool(value)
+        elif value is None:
+            self.trial.pop(argument, None)
+        else:
+            self.trial[argument] = value
+        return True
+
+
+_NAMED = re.compile(r"inequivalent arg '(?P<arg>[^']+)'")
 
 
 def _current_value(text: str, declared: Mapping[str, Any]) -> tuple[str, Any] | None:

@@ -32,6 +32,7 @@ __all__ = [
     "Subscription",
     "BROKER_SCHEMES",
     "SystemClock",
+    "UNREADABLE",
     "broker_for_url",
     "mask_url",
 ]
@@ -122,6 +123,15 @@ class SystemClock:
             return
         await anyio.sleep(remaining)
         await self.sleep_until(epoch_seconds)
+
+
+class _Unreadable:
+    def __repr__(self) -> str:
+        return "<not readable: RabbitMQ cut its reply short>"
+
+
+UNREADABLE: Any = _Unreadable()
+"""A queue argument's value a broker could not read back (see `Broker.compare_queue`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,8 +246,9 @@ class Broker(Protocol):
 
         Returns:
             None when the queue does not exist; else, for every argument a declaration would
-            be refused over, the queue's own value (None when the queue does not set it);
-            ``durable`` is named like an argument. Empty when the declaration would succeed.
+            be refused over, the queue's own value (None when the queue does not set it,
+            `UNREADABLE` when it could not be read back); ``durable`` is named like an
+            argument. Empty when the declaration would succeed.
         """
 
     async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
