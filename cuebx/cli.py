@@ -1,4 +1,8 @@
-"""The ``cuebx`` command line: a thin layer over the Python API (the only click/rich user)."""
+"""The ``cuebx`` command line: a thin layer over the Python API.
+
+The operations commands (``cuebx dlq``, ``cuebx status``, ``cuebx topology diff``) live in
+`cuebx.ops.commands`, the only other module that imports click and rich.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
 from cuebx.errors import CuebxError
+from cuebx.ops import commands
 from cuebx.worker import Worker
 
 __all__ = ["load_app", "main", "one_line_error"]
@@ -97,6 +102,9 @@ def main() -> None:
       cuebx worker -A shop.tasks:app -Q emails    consume one queue only
       CUEBX_APP=shop.tasks cuebx worker -l debug  the app from the environment
       cuebx topology -A myapp                     print what the app declares
+      cuebx topology diff -A myapp                compare it with the broker
+      cuebx status -A myapp                       queue depths, tiers, dead letters
+      cuebx dlq ls -A myapp                       dead letters by task and reason
       cuebx worker -h                             the worker's options
     """
 
@@ -224,10 +232,25 @@ def _backend_options() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
-@main.command()
-@_app_option
-def topology(app_path: str) -> None:
-    """Print the exchange, queues and arguments the app declares (no broker needed)."""
+@main.group(invoke_without_command=True)
+@click.option(
+    "-A",
+    "--app",
+    "app_path",
+    envvar="CUEBX_APP",
+    # Required for the plan itself; `diff` takes its own -A.
+    help="module[:attribute] of the app.  [env var: CUEBX_APP; required]",
+)
+@click.pass_context
+def topology(context: click.Context, app_path: str | None) -> None:
+    """Print the exchange, queues and arguments the app declares (no broker needed).
+
+    `cuebx topology diff -A app` compares them with the broker instead.
+    """
+    if context.invoked_subcommand is not None:
+        return
+    if app_path is None:
+        raise click.UsageError("Missing option '-A' / '--app'.")
     # Imported here: a worker process never needs rich (2 MB and ~25 ms of start-up).
     from rich.console import Console
     from rich.table import Table
@@ -252,3 +275,8 @@ def topology(app_path: str) -> None:
     if not console.is_terminal:
         console = Console(width=240)
     console.print(table)
+
+
+main.add_command(commands.dlq)
+main.add_command(commands.status_command)
+topology.add_command(commands.diff)
