@@ -6,12 +6,14 @@ The operations commands (``cuebx dlq``, ``cuebx status``, ``cuebx topology diff`
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 import signal
 import sys
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
@@ -22,7 +24,11 @@ from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
 from cuebx.errors import CuebxError
 from cuebx.ops import commands
+from cuebx.ops.logs import LogFormat, configure_logging
 from cuebx.worker import Worker
+
+if TYPE_CHECKING:
+    from cuebx.metrics import PrometheusMetrics
 
 __all__ = ["load_app", "main", "one_line_error"]
 
@@ -125,12 +131,30 @@ def main() -> None:
     metavar="LEVEL",
     help="DEBUG, INFO, WARNING or ERROR (any case); logs go to stderr.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per record (with task, message_id, attempt).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve /metrics, /healthz and /readyz on this port (needs cuebx[prometheus]).",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="Address to serve them on."
+)
 def worker(
     app_path: str,
     queues: str | None,
     prefetch: int | None,
     shutdown_timeout: str | None,
     log_level: str,
+    log_format: LogFormat,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Declare the topology and run tasks until SIGINT or SIGTERM.
 
@@ -140,12 +164,9 @@ def worker(
       cuebx worker -A shop.tasks:app -Q emails,webhooks --prefetch 20
       cuebx worker -A shop.tasks -Q reports --prefetch 2 --shutdown-timeout 2m
       CUEBX_BROKER_URL=amqp://app:secret@rabbitmq:5672/prod cuebx worker -A shop.tasks
+      cuebx worker -A shop.tasks --metrics-port 9100 --log-format json
     """
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_level, log_format)
     app = load_app(app_path)
     if not app.tasks:
         raise click.ClickException(
@@ -153,6 +174,7 @@ def worker(
             "the module (or in modules it imports)"
         )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    metrics = None if metrics_port is None else _metrics(app)
     try:
         seconds = (
             None
@@ -165,12 +187,32 @@ def worker(
     logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
     for queue in built.queues:
         logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
+    endpoints = None
+    if metrics is not None and metrics_port is not None:
+        from cuebx.metrics import worker_routes
+        from cuebx.ops.http import serve
+
+        routes = worker_routes(built, metrics, app.topology())
+        endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
     try:
-        anyio.run(_run_worker, app, built, backend_options=_backend_options())
-    except (CuebxError, BaseExceptionGroup) as exc:
-        # A task group wraps what failed inside it (a consumer the broker refused) in an
-        # exception group, nested once per task group it went through.
-        raise _click_error(exc, CuebxError) from None
+        anyio.run(_run_worker, app, built, endpoints, backend_options=_backend_options())
+    except (CuebxError, OSError, BaseExceptionGroup) as exc:
+        # A task group wraps what failed inside it (a consumer the broker refused, a port in
+        # use) in an exception group, nested once per task group it went through.
+        raise _click_error(exc, (CuebxError, OSError)) from None
+
+
+def _metrics(app: Cuebx) -> PrometheusMetrics:
+    """The app's metrics middleware, added first if it has none."""
+    try:
+        from cuebx.metrics import PrometheusMetrics
+    except ImportError as exc:
+        raise click.ClickException(f"--metrics-port: {exc}") from None
+    metrics = app.middleware.find(PrometheusMetrics)
+    if metrics is None:
+        metrics = PrometheusMetrics()
+        app.add_middleware(metrics)
+    return metrics
 
 
 def _click_error(
@@ -200,11 +242,15 @@ def one_line_error(
     return "; ".join(dict.fromkeys(m for m in messages if m is not None))
 
 
-async def _run_worker(app: Cuebx, worker: Worker) -> None:
+async def _run_worker(
+    app: Cuebx, worker: Worker, endpoints: Callable[..., Coroutine[Any, Any, None]] | None = None
+) -> None:
     await app.connect()
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(_handle_signals, worker)
+            if endpoints is not None:
+                await group.start(endpoints)  # /healthz answers 503 until consumers run
             await worker.run()
             group.cancel_scope.cancel()
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 __all__ = ["TaskContext", "current_context"]
@@ -27,6 +28,8 @@ class TaskContext:
         redelivered: an earlier delivery of this attempt was not acked (a worker died or
             shut down mid-task), so the handler may have run before. RabbitMQ's flag, or on
             classic queues the worker's ``x-cuebx-redeliveries`` count.
+        published_at: the message's timestamp: when it was first published (retries and
+            replays keep it), if the publisher set one.
     """
 
     message_id: str
@@ -36,6 +39,7 @@ class TaskContext:
     task_name: str
     queue: str
     redelivered: bool = False
+    published_at: datetime | None = None
 
 
 _current: ContextVar[TaskContext] = ContextVar("cuebx_task_context")

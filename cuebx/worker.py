@@ -162,6 +162,8 @@ class Worker:
         self._wake = anyio.Event()
         self._immediate = False
         self._consumers_cancelled = False
+        # True from the moment every consumer is registered until the stop begins.
+        self._consuming = False
         # While a classic queue's redelivered message is re-published with its count, no
         # handler starts: see `_count_redelivery`.
         self._recounting = 0
@@ -217,6 +219,11 @@ class Worker:
     def stopping(self) -> bool:
         """True once a stop was asked for."""
         return self._stopping.is_set()
+
+    @property
+    def consuming(self) -> bool:
+        """True once every consumer is registered, until a stop begins (health checks)."""
+        return self._consuming and not self._stopping.is_set()
 
     def request_stop(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
@@ -278,6 +285,7 @@ class Worker:
                     queue.prefetch,
                     ", ".join(queue.tasks),
                 )
+            self._consuming = True
             task_status.started()
             await self._stopping.wait()
             logger.info(
@@ -294,6 +302,7 @@ class Worker:
                     len(self._running),
                 )
         finally:
+            self._consuming = False
             with anyio.CancelScope(shield=True):
                 await self._shut_down(subscriptions)
 
@@ -406,6 +415,7 @@ class Worker:
                 queue=queue.name,
                 # A classic queue's redelivered message comes back as a counted copy.
                 redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
+                published_at=delivery.timestamp,
             )
             await self._run(queue, task, context, decision.arguments, delivery)
             return
