@@ -48,7 +48,7 @@ from typing import Any
 
 try:
     import prometheus_client
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 except ImportError as exc:  # pragma: no cover - the test environment has the extra
     raise ImportError(
         "cuebx.metrics needs prometheus-client: pip install 'cuebx[prometheus]'"
@@ -299,8 +299,6 @@ class PrometheusMetrics(Middleware):
         """The exposition text; all processes' in multiprocess mode."""
         registry = self.registry
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-            from prometheus_client import multiprocess
-
             registry = CollectorRegistry()
             # Its __init__ carries no annotations.
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
