@@ -14,7 +14,9 @@ Queues (all under the run's prefix, which is also the exchange name):
   benchmark.
 
 With ``CUEBX_BENCH_PLUGIN=1`` the app has `NoOpPlugin` installed: the "plugin" side of the
-benchmark, which shows what the extension seam costs when a plug-in is there.
+benchmark, which shows what the extension seam costs when a plug-in is there. With
+``CUEBX_BENCH_PLUGIN_KIND=metrics`` in the runner's environment as well, the plugin side has
+``cuebx.metrics.PrometheusMetrics`` instead: what metrics cost per task.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from wire import (
 )
 
 from cuebx import Cuebx, Middleware, Outcome, Publish, Received
+
+#: "metrics": the plug-in side installs the Prometheus middleware instead of the no-op one.
+ENV_PLUGIN_KIND = "CUEBX_BENCH_PLUGIN_KIND"
 
 if TYPE_CHECKING:
     from cuebx.message import DeadLetterReason
@@ -98,13 +103,22 @@ def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = F
 
     With `plugin`, `NoOpPlugin` is installed: same tasks, same queues, every hook called.
     """
-    if plugin:
+    middleware: list[Middleware] = []
+    if plugin and os.environ.get(ENV_PLUGIN_KIND) == "metrics":
+        from prometheus_client import CollectorRegistry
+
+        from cuebx.metrics import PrometheusMetrics
+
+        middleware.append(PrometheusMetrics(CollectorRegistry()))
+    elif plugin:
         _check_every_hook_overridden()
+        middleware.append(NoOpPlugin())
     app = Cuebx(
         url,
         exchange=prefix,
-        connection_name=f"cuebx benchmark {prefix}" + (" (no-op plug-in)" if plugin else ""),
-        middleware=[NoOpPlugin()] if plugin else (),
+        connection_name=f"cuebx benchmark {prefix}"
+        + (f" ({type(middleware[0]).__name__})" if middleware else ""),
+        middleware=middleware,
     )
     address = parse_address(udp)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
