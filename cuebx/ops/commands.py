@@ -450,7 +450,10 @@ def status_command(
 
     if not watch:
         found = _run(app, read)
-        _print_json(found.to_dict()) if as_json else _console().print(_status_table(found))
+        if as_json:
+            _print_json(found.to_dict())
+        else:
+            _console().print(_status_table(found))
         return
     _run(app, lambda: _watch(read, interval))
 

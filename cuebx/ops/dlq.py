@@ -30,6 +30,7 @@ from cuebx.ops.records import (
     Summary,
     encode_json,
     entry_record,
+    group_record,
     read_since,
 )
 from cuebx.ops.sweep import Decide, Keep, Move, Plan, Progress, Remove, kept_copy, sweep
@@ -67,17 +68,7 @@ class Listing:
             "missing": list(self.missing),
             "looked_at": self.looked_at,
             "matched": self.matched,
-            "groups": [
-                {
-                    "queue": g.queue,
-                    "task": g.task,
-                    "reason": g.reason,
-                    "count": g.count,
-                    "oldest": g.oldest,
-                    "newest": g.newest,
-                }
-                for g in self.groups
-            ],
+            "groups": [group_record(g) for g in self.groups],
             "messages": [entry_record(m, body=False) for m in self.messages],
         }
 
