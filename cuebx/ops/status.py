@@ -23,6 +23,7 @@ import base64
 import json
 import os
 import shutil
+import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -246,8 +247,13 @@ class ManagementApi:
             request.add_header(
                 "Authorization", f"Basic {base64.b64encode(secret.encode()).decode()}"
             )
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            rows = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                rows = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            exc.close()  # it holds the response open
+            raise
+
         if not isinstance(rows, list):
             raise ValueError("the management API did not answer with a list of queues")
         return rows
