@@ -65,6 +65,9 @@ class NoOpPlugin(Middleware):
     async def on_worker_stop(self, worker: WorkerView) -> None:
         return None
 
+    async def serve(self, worker: WorkerView) -> None:
+        return None
+
     async def before_handler(self, received: Received) -> None:
         return None
 

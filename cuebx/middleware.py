@@ -155,6 +155,14 @@ class Middleware:
     async def on_worker_stop(self, worker: WorkerView) -> None:
         """Called when a worker has stopped consuming and its handlers are done."""
 
+    async def serve(self, worker: WorkerView) -> None:
+        """Run beside a worker's consumers: from when they are registered until a stop
+        begins, when it is cancelled (before running handlers are waited for).
+
+        For a plug-in's own long-running work (a scheduler, an HTTP endpoint). An exception
+        is logged and the worker goes on without it.
+        """
+
     async def before_handler(self, received: Received) -> None:
         """Called before the handler runs; raise `Skip` to ack without running it."""
 
@@ -216,6 +224,7 @@ class Stack:
         ] = tuple(reversed(_overriding(found, "after_publish")))
         self.on_worker_start = _overriding(found, "on_worker_start")
         self.on_worker_stop = tuple(reversed(_overriding(found, "on_worker_stop")))
+        self.serve: tuple[Callable[[Any], Awaitable[None]], ...] = _overriding(found, "serve")
         self.before_handler: tuple[Callable[[Received], Awaitable[None]], ...] = _overriding(
             found, "before_handler"
         )
