@@ -27,6 +27,7 @@ class TaskContext:
         redelivered: an earlier delivery of this attempt was not acked (a worker died or
             shut down mid-task), so the handler may have run before. RabbitMQ's flag, or on
             classic queues the worker's ``x-cuebx-redeliveries`` count.
+        reply_to: where a caller waits for the value (`Task.call`); None for ``delay()``.
     """
 
     message_id: str
@@ -36,6 +37,7 @@ class TaskContext:
     task_name: str
     queue: str
     redelivered: bool = False
+    reply_to: str | None = None
 
 
 _current: ContextVar[TaskContext] = ContextVar("cuebx_task_context")

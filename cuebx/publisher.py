@@ -16,8 +16,9 @@ from cuebx.brokers.base import Broker
 from cuebx.errors import ArgumentsError, BatchPublishError
 from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, new_message_id
 from cuebx.middleware import Publish, Stack, notify
+from cuebx.rpc import Caller
 from cuebx.settings import Settings
-from cuebx.task import Task, TaskHandle
+from cuebx.task import HandleSource, Task, TaskHandle
 
 __all__ = ["Connection", "Publisher"]
 
@@ -35,10 +36,22 @@ class Connection(Protocol):
 class Publisher:
     """Publishes the messages of an app's tasks through its broker and middleware."""
 
-    def __init__(self, connection: Connection, settings: Settings, stack: Stack) -> None:
+    def __init__(
+        self,
+        connection: Connection,
+        settings: Settings,
+        stack: Stack,
+        *,
+        caller: Caller | None = None,
+        source: HandleSource | None = None,
+    ) -> None:
         self.connection = connection
         self.settings = settings
         self.stack = stack
+        #: Waits for the replies of `Task.call`.
+        self.caller = caller or Caller(default_timeout=30.0)
+        #: Where handles read status and results (the app's store), if anywhere.
+        self.source = source
 
     def message(
         self,
@@ -50,6 +63,7 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
         message_id: str | None = None,
+        reply_to: str | None = None,
     ) -> OutgoingMessage:
         """Build the message for one call of `task` (nothing is published).
 
@@ -77,7 +91,12 @@ class Publisher:
             headers=all_headers,
             timestamp=datetime.now(UTC),
             priority=task.options.priority if priority is None else priority,
+            reply_to=reply_to,
         )
+
+    async def connected_broker(self) -> Broker:
+        """The app's broker, connected (and the topology declared) on first use."""
+        return await self._broker()
 
     async def _broker(self) -> Broker:
         connection = self.connection
@@ -95,7 +114,8 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
         message_id: str | None = None,
-    ) -> TaskHandle:
+        reply_to: str | None = None,
+    ) -> TaskHandle[Any]:
         """Publish one message for `task` and wait for its confirm.
 
         Raises:
@@ -110,6 +130,7 @@ class Publisher:
             headers=headers,
             correlation_id=correlation_id,
             message_id=message_id,
+            reply_to=reply_to,
         )
         broker = await self._broker()
         exchange = self.settings.exchange
@@ -127,7 +148,20 @@ class Publisher:
                 raise
             await notify(stack.after_publish, publish, None)
             message = publish.message
-        return TaskHandle(message.message_id, task.name, task.queue, message.correlation_id)
+        return TaskHandle(
+            message.message_id, task.name, task.queue, message.correlation_id, self.source, task
+        )
+
+    async def call(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        timeout: float | None,
+    ) -> Any:
+        """Publish a request for `task` and wait for the worker's reply (`Task.call`)."""
+        return await self.caller.call(self, task, args, kwargs, timeout=timeout)
 
     async def publish_many(
         self,
@@ -135,7 +169,7 @@ class Publisher:
         arguments: Iterable[Sequence[Any] | Mapping[str, Any]],
         *,
         window: int = 256,
-    ) -> list[TaskHandle]:
+    ) -> list[TaskHandle[Any]]:
         """Publish one message per item, keeping up to `window` confirms in flight.
 
         Every item is encoded and validated before anything is published.
@@ -167,10 +201,17 @@ class Publisher:
         if stack.after_publish:
             for publish, error in zip(publishes, results, strict=True):
                 await notify(stack.after_publish, publish, error)
-        handles: list[TaskHandle | None] = [
+        handles: list[TaskHandle[Any] | None] = [
             None
             if error is not None
-            else TaskHandle(p.message.message_id, task.name, task.queue, p.message.correlation_id)
+            else TaskHandle(
+                p.message.message_id,
+                task.name,
+                task.queue,
+                p.message.correlation_id,
+                self.source,
+                task,
+            )
             for p, error in zip(publishes, results, strict=True)
         ]
         errors = {i: e for i, e in enumerate(results) if e is not None}

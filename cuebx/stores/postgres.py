@@ -146,13 +146,26 @@ class PostgresStore:
         self._acquire_sql = sql.SQL(_ACQUIRE).format(**tables)
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] | None = None
         self._last_purge = time.monotonic()
+        self._migrated = False
+        self._migrating = False
 
     def __repr__(self) -> str:
         return f"<PostgresStore {mask_url(self.url)} schema={self.schema!r}>"
 
     async def connect(self) -> None:
+        """Open the pool and, unless told not to, create the tables when missing.
+
+        Raises:
+            StoreUnavailableError: PostgreSQL does not answer within the timeout; the pool
+                stays open and keeps trying, so later operations work once it is back.
+        """
+        await self._open()
+        if self.auto_migrate and not self._migrated:
+            await self.migrate()
+
+    async def _open(self) -> AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]]:
         if self._pool is not None:
-            return
+            return self._pool
         pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = (
             AsyncConnectionPool(
                 self._conninfo,
@@ -164,20 +177,11 @@ class PostgresStore:
                 name="cuebx",
             )
         )
-        try:
-            await pool.open(wait=True, timeout=self.timeout)
-        except (PoolTimeout, psycopg.Error, OSError) as exc:
-            await pool.close()
-            raise StoreUnavailableError(
-                f"cannot connect to PostgreSQL at {mask_url(self.url)}: {exc}"
-            ) from exc
+        # Not waiting: the pool connects in the background and keeps retrying, so a
+        # store that is down now is used as soon as it is back.
+        await pool.open(wait=False)
         self._pool = pool
-        if self.auto_migrate:
-            try:
-                await self.migrate()
-            except BaseException:
-                await self.close()
-                raise
+        return pool
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
@@ -187,11 +191,9 @@ class PostgresStore:
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """A pooled connection for one operation, within the timeout, errors translated."""
-        pool = self._pool
-        if pool is None:
-            raise StoreUnavailableError(
-                f"store {mask_url(self.url)} is not connected: call `await app.connect()`"
-            )
+        pool = await self._open()
+        if self.auto_migrate and not self._migrated and not self._migrating:
+            await self.migrate()
         try:
             with anyio.fail_after(self.timeout):
                 async with pool.connection() as conn:
@@ -213,11 +215,16 @@ class PostgresStore:
         statements.append(
             sql.SQL(_MIGRATION).format(status=self.status_table, keys=self.keys_table)
         )
-        async with self._connection() as conn, conn.transaction():
-            # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext('cuebx migrate'))")
-            for statement in statements:
-                await conn.execute(statement)
+        self._migrating = True
+        try:
+            async with self._connection() as conn, conn.transaction():
+                # Concurrent CREATE ... IF NOT EXISTS can still collide in the catalog.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext('cuebx migrate'))")
+                for statement in statements:
+                    await conn.execute(statement)
+        finally:
+            self._migrating = False
+        self._migrated = True
 
     async def put_status(self, writes: Sequence[StatusWrite]) -> None:
         batch = latest_writes(writes)

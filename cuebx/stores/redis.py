@@ -110,8 +110,18 @@ class RedisStore:
         return f"<RedisStore {mask_url(self.url)} prefix={self.prefix!r}>"
 
     async def connect(self) -> None:
+        """Create the client and check that Redis answers (a PING).
+
+        Raises:
+            StoreUnavailableError: Redis does not answer; the client stays, and later
+                operations connect again by themselves.
+        """
+        await self._call(self._require().ping)
+
+    def _require(self) -> aioredis.Redis:
+        """The client, created on first use: redis-py connects (and reconnects) per command."""
         if self._client is not None:
-            return
+            return self._client
         client = aioredis.Redis.from_url(
             self._client_url,
             socket_timeout=self.timeout,
@@ -125,19 +135,12 @@ class RedisStore:
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
         self._client = client
-        await self._call(client.ping)
+        return client
 
     async def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()
-
-    def _require(self) -> aioredis.Redis:
-        if self._client is None:
-            raise StoreUnavailableError(
-                f"store {mask_url(self.url)} is not connected: call `await app.connect()`"
-            )
-        return self._client
 
     async def _call(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one redis-py call within the timeout, with its errors translated to ours."""
