@@ -32,6 +32,7 @@ import socket
 from typing import Any
 
 import anyio
+import msgspec
 
 from cuebx.durations import Duration
 from cuebx.errors import StoreError
@@ -51,6 +52,8 @@ _STATE = "cuebx.idempotency"
 def key_for(task: Task[Any, Any], message_id: str, received: Received) -> str | None:
     """The idempotency key of one message of `task`, or None when the task has none.
 
+    A key function is called with the task's arguments by name (never the `TaskContext`).
+
     Raises:
         Exception: whatever the task's key function raised.
     """
@@ -59,13 +62,10 @@ def key_for(task: Task[Any, Any], message_id: str, received: Received) -> str | 
         return None
     if options.idempotency_key is None:
         return f"{task.name}:{message_id}"
-    args: tuple[Any, ...] = ()
-    kwargs: dict[str, Any] = {}
-    if received.arguments is not None:
-        args, kwargs = task.call_args(received.context, received.arguments)
-        if task.takes_context:
-            args = args[1:]
-    key = options.idempotency_key(*args, **kwargs)
+    # By name, as the design's ``lambda order_id, **_: ...`` expects: the function takes
+    # the arguments it needs and ignores the rest.
+    arguments = {} if received.arguments is None else msgspec.structs.asdict(received.arguments)
+    key = options.idempotency_key(**arguments)
     if not isinstance(key, str) or not key:
         raise TypeError(f"the idempotency_key of task {task.name!r} returned {key!r}, not a string")
     return key
@@ -90,7 +90,10 @@ class Idempotency(Middleware):
         self.lease_ms = round(check_seconds(lease, "Idempotency", "lease", positive=True) * 1000)
         self.ttl_ms = round(check_seconds(ttl, "Idempotency", "ttl", positive=True) * 1000)
         self.store = store
+        #: Messages skipped because their key had completed.
         self.skipped = 0
+        #: Messages held back now because another handler holds their key.
+        self.waiting = 0
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         #: Keys held by running handlers: key -> owner, renewed by `serve`.
         self.held: dict[str, str] = {}
@@ -141,24 +144,29 @@ class Idempotency(Middleware):
         """Take `key`, waiting while another handler holds it; raise `Skip` if it is done."""
         store = self._store()
         logged = False
-        while True:
-            state, left_ms = await store.acquire(key, owner, self.lease_ms)
-            if state == "acquired":
-                return
-            if state == "done":
-                self.skipped += 1
-                raise Skip(f"idempotency key {key!r} already completed")
-            if not logged:
-                logger.info(
-                    "task %s message %s: idempotency key %r is held by another running "
-                    "handler; waiting for it (%d ms of its lease left)",
-                    task,
-                    message_id,
-                    key,
-                    left_ms,
-                )
-                logged = True
-            await anyio.sleep(min(left_ms / 1000, 0.5))
+        try:
+            while True:
+                state, left_ms = await store.acquire(key, owner, self.lease_ms)
+                if state == "acquired":
+                    return
+                if state == "done":
+                    self.skipped += 1
+                    raise Skip(f"idempotency key {key!r} already completed")
+                if not logged:
+                    self.waiting += 1
+                    logger.info(
+                        "task %s message %s: idempotency key %r is held by another running "
+                        "handler; waiting for it (%d ms of its lease left)",
+                        task,
+                        message_id,
+                        key,
+                        left_ms,
+                    )
+                    logged = True
+                await anyio.sleep(min(left_ms / 1000, 0.5))
+        finally:
+            if logged:
+                self.waiting -= 1
 
     async def after_handler(self, received: Received, outcome: Outcome) -> None:
         held = received.state.pop(_STATE, None)
