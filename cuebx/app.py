@@ -6,8 +6,9 @@ in middleware (`cuebx.middleware`); the app wires them to one broker and one top
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, overload
 
@@ -26,7 +27,7 @@ from cuebx.rpc import Caller, Replier
 from cuebx.settings import Settings, check_seconds
 from cuebx.status import TaskStatus
 from cuebx.stores.base import Store, store_for_url
-from cuebx.task import TASK_OPTIONS, Task, TaskHandle, TaskOptions
+from cuebx.task import TASK_OPTIONS, AsyncTask, Task, TaskHandle, TaskOptions
 from cuebx.topology import QueueType, Topology, plan
 from cuebx.worker import Worker
 
@@ -45,6 +46,12 @@ class TaskDecorator:
         self._app = app
         self._options = options
 
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]]
+    ) -> AsyncTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncTask[P, R]: ...
     @overload
     def __call__(self, fn: Callable[Concatenate[TaskContext, P], R]) -> Task[P, R]: ...
     @overload
@@ -162,6 +169,12 @@ class Cuebx:
     # -- registry ---------------------------------------------------------------------------
 
     @overload
+    def task(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
+    @overload
     def task(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> Task[P, R]: ...
     @overload
     def task(self, fn: Callable[P, R], /) -> Task[P, R]: ...
@@ -234,7 +247,8 @@ class Cuebx:
                 f"task {task_name!r}: unknown option(s) {', '.join(unknown)}; "
                 f"options are: name, {', '.join(sorted(TASK_OPTIONS))}"
             )
-        task: Task[Any, Any] = Task(
+        kind = AsyncTask if inspect.iscoroutinefunction(fn) else Task
+        task: Task[Any, Any] = kind(
             self.publisher, fn, TaskOptions.build(name=task_name, **options)
         )
         if task.options.idempotent and self.store is None:

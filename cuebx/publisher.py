@@ -158,10 +158,10 @@ class Publisher:
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         *,
-        timeout: float | None,
+        limit: float | None,
     ) -> Any:
         """Publish a request for `task` and wait for the worker's reply (`Task.call`)."""
-        return await self.caller.call(self, task, args, kwargs, timeout=timeout)
+        return await self.caller.call(self, task, args, kwargs, limit=limit)
 
     async def publish_many(
         self,

@@ -311,13 +311,13 @@ class Results(Middleware):
         """Read a task's status; ``unknown`` when the store has no record of it."""
         return decode_record(task_id, await self.store.get_status(task_id))[0]
 
-    async def result(self, task: Task[Any, Any] | None, task_id: str, timeout: float | None) -> Any:
+    async def result(self, task: Task[Any, Any] | None, task_id: str, limit: float | None) -> Any:
         """Wait for a task's final state and return its value (see `TaskHandle.result`)."""
         if task is not None and not task.options.track:
             raise ConfigurationError(
                 f"task {task.name!r} has track=False: its status and result are not stored"
             )
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = None if limit is None else time.monotonic() + limit
         pause = 0.005
         while True:
             status, value = decode_record(task_id, await self.store.get_status(task_id))
@@ -327,7 +327,7 @@ class Results(Middleware):
             if left is not None and left <= 0:
                 unknown = status.state == "unknown"
                 raise ResultTimeoutError(
-                    f"task {task_id} is not done after {timeout:g}s: it is {status.state}"
+                    f"task {task_id} is not done after {limit:g}s: it is {status.state}"
                     + (" (no record of it: a wrong id, or it expired)" if unknown else "")
                 )
             await anyio.sleep(pause if left is None else min(pause, left))

@@ -116,7 +116,9 @@ class Caller:
                 self._address = await broker.consume_replies(self._on_reply, self._on_lost)
             return self._address
 
-    def _on_reply(self, correlation_id: str | None, headers: Mapping[str, Any], body: bytes) -> None:
+    def _on_reply(
+        self, correlation_id: str | None, headers: Mapping[str, Any], body: bytes
+    ) -> None:
         future = self._pending.get(correlation_id or "")
         if future is None or future.done():
             # Timed out, or a second reply after a redelivery: the caller moved on.
@@ -143,7 +145,7 @@ class Caller:
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         *,
-        timeout: float | None,
+        limit: float | None,
     ) -> Any:
         """Publish a request for `task` and wait for its reply (see `Task.call`)."""
         broker = await publisher.connected_broker()
@@ -151,7 +153,7 @@ class Caller:
         message_id = new_message_id()
         future: asyncio.Future[_Reply] = asyncio.get_running_loop().create_future()
         self._pending[message_id] = future
-        seconds = self.default_timeout if timeout is None else timeout
+        seconds = self.default_timeout if limit is None else limit
         try:
             await publisher.publish(task, args, kwargs, message_id=message_id, reply_to=reply_to)
             try:

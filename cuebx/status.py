@@ -14,7 +14,7 @@ a record that expired, or a task published with ``track=False``.
 Every record has a *position* ``(generation, rank)`` and a store only lets a write through
 when its position is higher (`cuebx.stores.base`). `rank` orders the states so that nothing
 goes backwards: a later attempt outranks an earlier one, ``retrying`` toward attempt *n*
-sits between attempt *n − 1*'s ``started`` and attempt *n*'s, and every final state outranks
+sits between attempt *n - 1*'s ``started`` and attempt *n*'s, and every final state outranks
 every other state, the first one written staying. The generation counts dead-letter replays
 (`generation`), so a replayed task starts over.
 """

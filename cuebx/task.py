@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
@@ -36,7 +36,7 @@ from cuebx.topology import QueueRoute, QueueType, retry_queue_name
 if TYPE_CHECKING:
     from cuebx.status import TaskStatus
 
-__all__ = ["TASK_OPTIONS", "Task", "TaskHandle", "TaskOptions", "TaskPublisher"]
+__all__ = ["TASK_OPTIONS", "AsyncTask", "Task", "TaskHandle", "TaskOptions", "TaskPublisher"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,7 +69,9 @@ class HandleSource(Protocol):
 
     async def status(self, task_id: str) -> TaskStatus: ...
 
-    async def result(self, task: Task[Any, Any] | None, task_id: str, timeout: float | None) -> Any: ...
+    async def result(
+        self, task: Task[Any, Any] | None, task_id: str, limit: float | None
+    ) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +109,7 @@ class TaskHandle(Generic[R]):
         """
         return await self._source().status(self.id)
 
-    async def result(self, timeout: Duration | None = None) -> R:
+    async def result(self, timeout: Duration | None = None) -> R:  # noqa: ASYNC109 (the contract names it)
         """Wait until the task is done and return its value, decoded as its return type.
 
         Args:
@@ -153,7 +155,7 @@ class TaskPublisher(Protocol):
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],
         *,
-        timeout: float | None,
+        limit: float | None,
     ) -> Any: ...
 
 
@@ -498,17 +500,17 @@ class Task(Generic[P, R]):
             ArgumentsError: the arguments do not fit the task's signature.
             PublishError: the broker did not confirm the request.
         """
-        value: R = await self.publisher.call(self, args, kwargs, timeout=None)
+        value: R = await self.publisher.call(self, args, kwargs, limit=None)
         return value
 
-    async def call_within(self, timeout: Duration, /, *args: P.args, **kwargs: P.kwargs) -> R:
+    async def call_within(self, limit: Duration, /, *args: P.args, **kwargs: P.kwargs) -> R:
         """`call` with its own timeout: ``await add.call_within("5s", 2, 3)``.
 
         The timeout comes first because a keyword argument cannot sit beside a
         ParamSpec's ``**kwargs`` (PEP 612): this way the task's arguments stay type-checked.
         """
-        seconds = check_seconds(timeout, f"task {self.name!r}", "timeout", positive=True)
-        value: R = await self.publisher.call(self, args, kwargs, timeout=seconds)
+        seconds = check_seconds(limit, f"task {self.name!r}", "call_within() limit", positive=True)
+        value: R = await self.publisher.call(self, args, kwargs, limit=seconds)
         return value
 
     def handle(self, task_id: str) -> TaskHandle[R]:
@@ -593,6 +595,20 @@ class Task(Generic[P, R]):
         args, kwargs = self.call_args(context, value)
         result: Awaitable[Any] = self.fn(*args, **kwargs)
         return result
+
+
+class AsyncTask(Task[P, R]):
+    """A task whose handler is a coroutine function: `R` is what the coroutine returns.
+
+    The same as `Task` at run time; for the type checker, calling it directly gives the
+    coroutine to await, while `delay`, `call` and results are typed by the awaited value.
+    """
+
+    def __call__(  # type: ignore[override]
+        self, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, R]:
+        """Run the handler in place: the coroutine to await (see `Task.__call__`)."""
+        return super().__call__(*args, **kwargs)  # type: ignore[return-value]
 
 
 def _result_decoder(result_type: Any, task: str) -> msgspec.json.Decoder[Any] | None:

@@ -12,7 +12,9 @@ import pytest
 import redis.asyncio as aioredis
 
 REDIS_URL = os.environ.get("CUEBX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-POSTGRES_URL = os.environ.get("CUEBX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+POSTGRES_URL = os.environ.get(
+    "CUEBX_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
 
 STORE_KINDS = ("memory", "redis", "postgres")
 

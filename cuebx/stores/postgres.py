@@ -166,16 +166,14 @@ class PostgresStore:
     async def _open(self) -> AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]]:
         if self._pool is not None:
             return self._pool
-        pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = (
-            AsyncConnectionPool(
-                self._conninfo,
-                min_size=1,
-                max_size=self.pool_size,
-                kwargs={"autocommit": True},
-                open=False,
-                timeout=self.timeout,
-                name="cuebx",
-            )
+        pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=self.pool_size,
+            kwargs={"autocommit": True},
+            open=False,
+            timeout=self.timeout,
+            name="cuebx",
         )
         # Not waiting: the pool connects in the background and keeps retrying, so a
         # store that is down now is used as soon as it is back.
@@ -290,9 +288,7 @@ class PostgresStore:
         async with self._connection() as conn:
             await self.complete_in(conn, key, ttl_ms)
 
-    async def complete_in(
-        self, conn: psycopg.AsyncConnection[Any], key: str, ttl_ms: int
-    ) -> None:
+    async def complete_in(self, conn: psycopg.AsyncConnection[Any], key: str, ttl_ms: int) -> None:
         """Mark `key` done on the caller's connection, inside the caller's transaction.
 
         For effects exactly once: a handler that writes its own rows and marks its key done
@@ -306,5 +302,3 @@ class PostgresStore:
             "ON CONFLICT (key) DO UPDATE SET owner = '', expires_at = excluded.expires_at"
         ).format(self.keys_table)
         await conn.execute(query, (key, ttl_ms))
-
-

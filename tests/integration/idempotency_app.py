@@ -20,10 +20,10 @@ LEDGER = os.environ.get("TEST_LEDGER", "ledger.txt")
 @app.task(queue=QUEUE, idempotency_key=lambda order, **_: f"order:{order}")
 async def charge(order: int) -> str:
     """The first run hangs (the test kills its worker); any later run completes."""
-    with open(LEDGER, "a") as ledger:
-        ledger.write(f"start {os.getpid()} {order}\n")
-    with open(LEDGER) as ledger:
-        first = sum(1 for line in ledger if line.startswith("start")) == 1
+    path = anyio.Path(LEDGER)
+    async with await path.open("a") as ledger:
+        await ledger.write(f"start {os.getpid()} {order}\n")
+    first = (await path.read_text()).count("start") == 1
     if first:
         await anyio.sleep(60)
     return f"charged {order}"

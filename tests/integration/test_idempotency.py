@@ -62,7 +62,8 @@ async def test_a_second_message_with_a_completed_key_is_skipped_and_says_so(
     again = await charge.delay(order_id=5, amount=100)
     await wait_for(lambda: _state(again, "skipped"), what="the second one skipped")
     status = await again.status()
-    assert status.reason is not None and "order:5" in status.reason
+    assert status.reason is not None
+    assert "order:5" in status.reason
     assert await (await charge.delay(6, 1)).result(timeout=10) == 1
     await worker.stop()
     assert charged == [5, 6]

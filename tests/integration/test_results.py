@@ -43,8 +43,10 @@ async def test_a_task_goes_pending_started_succeeded_and_result_returns_its_type
     release.set()
     assert await handle.result(timeout=10) == {"sum": 5}
     done = await handle.status()
-    assert done.state == "succeeded" and done.done
-    assert done.updated_at is not None and pending.updated_at is not None
+    assert done.state == "succeeded"
+    assert done.done
+    assert done.updated_at is not None
+    assert pending.updated_at is not None
     assert done.updated_at >= pending.updated_at
     # A handle rebuilt from the id alone, by the app or by the task, reads the same.
     assert (await app.status(handle.id)).state == "succeeded"
@@ -78,7 +80,8 @@ async def test_a_failing_task_is_retrying_then_failed_and_result_raises_task_fai
     await wait_for(lambda: _state_is(handle.status(), "retrying"), what="retrying")
     retrying = await handle.status()
     assert retrying.attempt == 1  # the attempt that comes next
-    assert retrying.next_attempt_at is not None and retrying.updated_at is not None
+    assert retrying.next_attempt_at is not None
+    assert retrying.updated_at is not None
     assert 0.2 < (retrying.next_attempt_at - retrying.updated_at).total_seconds() < 1
     assert retrying.error_type == "builtins.ValueError"
     await second_attempt.wait()
@@ -106,9 +109,7 @@ async def test_rejected_and_poison_messages_end_failed_and_dead_lettered_with_th
 
     worker = await app.start_consumers()
     rejected = await refuse.delay(1)
-    await amqp.publish(
-        queue, b'{"n": "x"}', message_id="poison-1", headers={HEADER_TASK: "refuse"}
-    )
+    await amqp.publish(queue, b'{"n": "x"}', message_id="poison-1", headers={HEADER_TASK: "refuse"})
     await wait_for(lambda: _state_is(app.status("poison-1"), "dead-lettered"), what="poison")
     poison = await app.status("poison-1")
     assert poison.reason == "invalid-arguments"
@@ -125,7 +126,7 @@ async def test_an_unknown_id_is_unknown_not_pending_and_result_says_so(
     await app.connect()
     status = await app.status("no-such-task")
     assert (status.state, status.updated_at, status.done) == ("unknown", None, False)
-    with pytest.raises(ResultTimeoutError, match="unknown.*no record of it"):
+    with pytest.raises(ResultTimeoutError, match=r"unknown.*no record of it"):
         await app.handle("no-such-task").result(timeout=0.2)
 
 
