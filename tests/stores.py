@@ -57,3 +57,16 @@ async def store_url(kind: str, prefix: str) -> AsyncIterator[str]:
         yield f"{POSTGRES_URL}?schema={name}"
         async with await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True) as conn:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def forget_redis_prefix(name: str) -> None:
+    """Delete every Redis key under `name:` (for tests that cannot await their cleanup)."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{name}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
