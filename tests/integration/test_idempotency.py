@@ -179,3 +179,27 @@ def _starts(ledger: Path) -> int:
     if not ledger.exists():
         return 0
     return sum(1 for line in ledger.read_text().splitlines() if line.startswith("start"))
+
+
+async def test_a_long_handler_keeps_its_key_by_renewing_the_lease(
+    make_rabbit_app: AppFactory, prefix: str
+) -> None:
+    lease = Idempotency(lease="300ms")
+    app = make_rabbit_app(store="memory://", middleware=[lease])
+    runs: list[int] = []
+
+    @app.task(queue=f"{prefix}.q", idempotency_key=lambda n: f"n:{n}")
+    async def long(n: int) -> None:
+        runs.append(n)
+        await anyio.sleep(1.2)  # four leases long
+
+    worker = await app.start_consumers()
+    first = await long.delay(1)
+    await wait_for(lambda: runs == [1], what="the first run")
+    second = await long.delay(1)
+    await wait_for(lambda: lease.waiting == 1, what="the second one held back")
+    await first.result(timeout=10)
+    await wait_for(lambda: _state(second, "skipped"), what="the second one skipped")
+    await worker.stop()
+    assert runs == [1]  # the lease never ended while the first one ran
+    assert lease.held == {}
