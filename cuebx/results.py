@@ -101,8 +101,10 @@ class _Writer:
             while self._in_flight >= self.max_in_flight:
                 await self._slot.wait()
             self._open = None
-            await self._flush(batch.writes)
-            batch.done.set()
+            try:
+                await self._flush(batch.writes)
+            finally:
+                batch.done.set()  # the others never wait for a flush that went wrong
 
     async def flush_backlog(self) -> None:
         """Write what earlier failures left behind (no-op while the store is down)."""
