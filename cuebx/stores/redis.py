@@ -8,7 +8,8 @@ says ``?prefix=...``):
   lease) or ``done`` (its TTL is how long the key is remembered).
 
 Every conditional step is a Lua script, so it is atomic on the server: the status write
-compares positions and writes in one step, for a whole batch of writes in one round trip.
+compares positions and writes in one step, for a whole batch of writes (sent as one JSON
+argument) in one round trip. Records are UTF-8 text (cuebx's are JSON).
 Scripts run through EVALSHA, loaded again by redis-py if the server forgot them. Multi-key
 scripts mean one Redis (or a primary with replicas / Sentinel), not Redis Cluster.
 """
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 import anyio
+import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -33,20 +35,26 @@ from cuebx.stores.base import KeyState, StatusWrite, latest_writes
 
 __all__ = ["RedisStore"]
 
-# KEYS: status keys; ARGV: generation, rank, data, ttl (ms) for each key in turn.
+_encode_batch = msgspec.json.Encoder().encode
+
+# ARGV[1]: the key prefix of status records; ARGV[2]: the batch as JSON, one
+# [task id, generation, rank, ttl (ms), record] per write (generation and rank as strings,
+# compared as numbers). One argument for the whole batch: redis-py packs each argument in
+# Python, which cost more than the rest of a status write together.
 _PUT_STATUS = """
-for i, key in ipairs(KEYS) do
-  local j = (i - 1) * 4
-  local g = tonumber(ARGV[j + 1])
-  local r = tonumber(ARGV[j + 2])
+local batch = cjson.decode(ARGV[2])
+for _, w in ipairs(batch) do
+  local key = ARGV[1] .. w[1]
+  local g = tonumber(w[2])
+  local r = tonumber(w[3])
   local cur = redis.call('HMGET', key, 'g', 'r')
   local cg = tonumber(cur[1])
   if cg == nil or g > cg or (g == cg and r > tonumber(cur[2])) then
-    redis.call('HSET', key, 'g', ARGV[j + 1], 'r', ARGV[j + 2], 'd', ARGV[j + 3])
-    redis.call('PEXPIRE', key, ARGV[j + 4])
+    redis.call('HSET', key, 'g', w[2], 'r', w[3], 'd', w[5])
+    redis.call('PEXPIRE', key, w[4])
   end
 end
-return #KEYS
+return #batch
 """
 
 # KEYS[1]: the key; ARGV: owner, lease (ms). Returns {state, ms left}.
@@ -162,12 +170,13 @@ class RedisStore:
 
     async def put_status(self, writes: Sequence[StatusWrite]) -> None:
         self._require()
-        batch = latest_writes(writes)
-        keys = [self._status_key(w.task_id) for w in batch]
-        args: list[Any] = []
-        for w in batch:
-            args += (w.generation, w.rank, w.data, w.ttl_ms)
-        await self._call(self._put, keys=keys, args=args)
+        batch = _encode_batch(
+            [
+                (w.task_id, str(w.generation), str(w.rank), w.ttl_ms, w.data.decode())
+                for w in latest_writes(writes)
+            ]
+        )
+        await self._call(self._put, keys=[], args=[f"{self.prefix}:status:", batch])
 
     async def get_status(self, task_id: str) -> bytes | None:
         client = self._require()
