@@ -149,7 +149,7 @@ async def _cleanup_stores(stores: dict[str, str]) -> None:
     name = stores["redis"].rsplit("=", 1)[-1]
     client = aioredis.Redis.from_url(REDIS_URL)
     with contextlib.suppress(Exception):
-        keys = [k async for k in client.scan_iter(match=f"{name}:*")]
+        keys = [k async for k in client.scan_iter(match=f"{name}:*", count=1000)]
         if keys:
             await client.delete(*keys)
     await client.aclose()

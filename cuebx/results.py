@@ -76,11 +76,31 @@ class _Writer:
         self._in_flight = 0
         self._slot = anyio.Event()
         self._down_until = 0.0
+        # Writes nobody waits for (``started``), taken by the next flush; `wake` is set
+        # when the first one arrives, for the worker's service to flush them.
+        self._soon: list[StatusWrite] = []
+        self.wake = anyio.Event()
 
     @property
     def down(self) -> bool:
         """True for `pause` seconds after a failed write."""
         return time.monotonic() < self._down_until
+
+    def write_soon(self, write: StatusWrite) -> None:
+        """Queue a write for the next flush without waiting for it (see `Results.serve`)."""
+        if self.down:
+            self._keep([write])
+            return
+        self._soon.append(write)
+        if len(self._soon) == 1:
+            self.wake.set()
+
+    async def flush_soon(self) -> None:
+        """Flush the queued writes (and the backlog when the store answers again)."""
+        self.wake = anyio.Event()
+        await checkpoint()  # let the writes of this turn join
+        with anyio.CancelScope(shield=True):
+            await self._flush([])
 
     async def write(self, write: StatusWrite) -> None:
         """Write one record with whatever else is written in this event-loop turn."""
@@ -108,11 +128,14 @@ class _Writer:
 
     async def flush_backlog(self) -> None:
         """Write what earlier failures left behind (no-op while the store is down)."""
-        if self.backlog and not self.down:
+        if (self.backlog or self._soon) and not self.down:
             with anyio.CancelScope(shield=True):
                 await self._flush([])
 
     async def _flush(self, writes: list[StatusWrite]) -> None:
+        if self._soon:
+            writes = writes + self._soon
+            self._soon = []
         backlog = self.backlog
         if backlog and not self.down:
             writes = writes + [backlog.popleft() for _ in range(min(len(backlog), 1000))]
@@ -210,14 +233,22 @@ class Results(Middleware):
             )
 
     async def before_handler(self, received: Received) -> None:
+        # Not waited for: the worker's service (`serve`) flushes it within an event-loop
+        # turn or two, and the final write takes it along at the latest. A late ``started``
+        # cannot overwrite what follows it (writes are conditional).
         context = received.context
         if self._tracked(context.task_name):
-            await self._write(
-                context.message_id,
-                context.headers,
-                "started",
-                task=context.task_name,
-                attempt=context.attempt,
+            data = encode_record(
+                "started", task=context.task_name, attempt=context.attempt, at=time.time()
+            )
+            self.writer.write_soon(
+                StatusWrite(
+                    context.message_id,
+                    generation_of(context.headers),
+                    rank_of("started", context.attempt),
+                    data,
+                    self.ttl_ms,
+                )
             )
 
     async def after_handler(self, received: Received, outcome: Outcome) -> None:
@@ -293,10 +324,13 @@ class Results(Middleware):
             logger.warning("the result store does not answer yet: %s; tasks run anyway", exc)
 
     async def serve(self, worker: WorkerView) -> None:
-        """Write the backlog of failed writes once the store answers again."""
+        """Flush the ``started`` writes as they come, and the backlog of failed writes once
+        the store answers again (every `pause` seconds)."""
+        writer = self.writer
         while True:
-            await anyio.sleep(self.writer.pause)
-            await self.writer.flush_backlog()
+            with anyio.move_on_after(writer.pause):
+                await writer.wake.wait()
+            await writer.flush_soon()
 
     async def on_worker_stop(self, worker: WorkerView) -> None:
         await self.writer.flush_backlog()

@@ -47,7 +47,7 @@ async def store_url(kind: str, prefix: str) -> AsyncIterator[str]:
         yield f"{REDIS_URL}?prefix={name}"
         client = aioredis.Redis.from_url(REDIS_URL)
         try:
-            keys = [k async for k in client.scan_iter(match=f"{name}:*")]
+            keys = [k async for k in client.scan_iter(match=f"{name}:*", count=1000)]
             if keys:
                 await client.delete(*keys)
         finally:
@@ -65,7 +65,7 @@ def forget_redis_prefix(name: str) -> None:
 
     client = redis.Redis.from_url(REDIS_URL)
     try:
-        keys = list(client.scan_iter(match=f"{name}:*"))
+        keys = list(client.scan_iter(match=f"{name}:*", count=1000))
         if keys:
             client.delete(*keys)
     finally:

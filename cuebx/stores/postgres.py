@@ -52,6 +52,7 @@ from cuebx.stores.base import KeyState, StatusWrite, latest_writes
 
 __all__ = ["PostgresStore"]
 
+
 class _Row(msgspec.Struct):
     task_id: str
     generation: int

@@ -18,7 +18,7 @@ from cuebx import (
 from cuebx.message import HEADER_TASK
 from tests.conftest import AppFactory, Raw, wait_for
 from tests.proxy import running_proxy
-from tests.stores import REDIS_URL
+from tests.stores import REDIS_URL, forget_redis_prefix, namespace
 
 pytestmark = pytest.mark.anyio
 
@@ -201,7 +201,7 @@ async def test_a_store_outage_loses_no_message_and_the_status_catches_up(
 ) -> None:
     host, port = REDIS_URL.split("//")[1].split("/")[0].split(":")
     async with running_proxy(host, int(port)) as proxy:
-        store = f"redis://127.0.0.1:{proxy.port}/0?prefix=t_{prefix.split('.')[-1]}"
+        store = f"redis://127.0.0.1:{proxy.port}/0?prefix={namespace(prefix)}"
         app = make_rabbit_app(store=store)
         queue = f"{prefix}.q"
         done: list[int] = []
@@ -231,6 +231,7 @@ async def test_a_store_outage_loses_no_message_and_the_status_catches_up(
         await worker.stop()
         assert app.results is not None
         assert not app.results.writer.backlog
+        forget_redis_prefix(namespace(prefix))
 
 
 async def _empty(amqp: Raw, queue: str) -> bool:
