@@ -50,6 +50,8 @@ logger = logging.getLogger("cuebx.results")
 
 #: Longest pause between two reads of a task that `result()` waits for.
 _POLL_MAX = 0.25
+#: How long a ``started`` write may wait for company before the worker flushes it.
+_STARTED_DELAY = 0.005
 
 
 class _Batch:
@@ -330,6 +332,9 @@ class Results(Middleware):
         while True:
             with anyio.move_on_after(writer.pause):
                 await writer.wake.wait()
+                # A short wait first: a task done by then has its final write take its
+                # ``started`` along, as one record, and the batch is larger.
+                await anyio.sleep(_STARTED_DELAY)
             await writer.flush_soon()
 
     async def on_worker_stop(self, worker: WorkerView) -> None:
