@@ -4,8 +4,10 @@
 states and their order) and reads it back for `TaskHandle.status` and `TaskHandle.result`:
 
 - ``pending`` once the broker confirmed the message (``after_publish``);
-- ``started`` before each attempt's handler runs; ``retrying`` once the retry copy is
-  confirmed (``on_retry``, with the next attempt's number and when it is due);
+- ``started`` as each attempt's handler starts (queued, not waited for: the worker's
+  service flushes it within about 5 ms, and a final write takes it along if it comes
+  first); ``retrying`` once the retry copy is confirmed (``on_retry``, with the next
+  attempt's number and when it is due);
 - ``succeeded`` (with the return value, as JSON checked against the return annotation),
   ``failed`` / ``dead-lettered`` (``on_dead_letter``, with the error and the reason), or
   ``skipped`` (an idempotency key that already completed).
