@@ -26,7 +26,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 
@@ -50,8 +50,22 @@ from cuebx.middleware import Middleware, Outcome, Received, Skip, WorkerView
 from cuebx.status import final_state
 from cuebx.task import Task
 
-if TYPE_CHECKING:
-    from cuebx.publisher import Publisher
+
+class Requests(Protocol):
+    """What a call publishes its request through (the app's `cuebx.publisher.Publisher`)."""
+
+    async def connected_broker(self) -> Broker: ...
+
+    async def publish(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        message_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> Any: ...
+
 
 __all__ = ["HEADER_REPLY", "Caller", "Replier", "error_fields", "failure_from_reply"]
 
@@ -140,7 +154,7 @@ class Caller:
 
     async def call(
         self,
-        publisher: Publisher,
+        publisher: Requests,
         task: Task[Any, Any],
         args: tuple[Any, ...],
         kwargs: Mapping[str, Any],

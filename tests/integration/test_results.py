@@ -236,3 +236,20 @@ async def test_a_store_outage_loses_no_message_and_the_status_catches_up(
 
 async def _empty(amqp: Raw, queue: str) -> bool:
     return await amqp.count(queue) == 0
+
+
+async def test_map_leaves_every_message_pending_and_each_result_is_its_own(
+    make_rabbit_app: AppFactory, prefix: str, real_store: str
+) -> None:
+    app = make_rabbit_app(store=real_store)
+
+    @app.task(queue=f"{prefix}.q")
+    async def double(n: int) -> int:
+        return 2 * n
+
+    handles = await double.map([(n,) for n in range(50)], window=16)
+    states = {(await h.status()).state for h in handles}
+    assert states == {"pending"}
+    worker = await app.start_consumers()
+    assert [await h.result(timeout=10) for h in handles] == [2 * n for n in range(50)]
+    await worker.stop()
