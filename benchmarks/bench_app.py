@@ -17,6 +17,7 @@ With ``CUEBX_BENCH_PLUGIN=1`` the app has `NoOpPlugin` installed: the "plugin" s
 benchmark, which shows what the extension seam costs when a plug-in is there. With
 ``CUEBX_BENCH_PLUGIN_KIND=metrics`` in the runner's environment as well, the plugin side has
 ``cuebx.metrics.PrometheusMetrics`` instead: what metrics cost per task.
+With ``CUEBX_BENCH_STORE=<url>`` it records task status in that store (``benchmarks/results.py``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ class NoOpPlugin(Middleware):
     async def on_worker_stop(self, worker: WorkerView) -> None:
         return None
 
+    async def serve(self, worker: WorkerView) -> None:
+        return None
+
     async def before_handler(self, received: Received) -> None:
         return None
 
@@ -98,7 +102,14 @@ def _check_every_hook_overridden() -> None:
         raise RuntimeError(f"bench_app.NoOpPlugin does not override {', '.join(missing)}")
 
 
-def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = False) -> Cuebx:
+def build_app(
+    prefix: str,
+    udp: str,
+    *,
+    url: str | None = None,
+    plugin: bool = False,
+    store: str | None = None,
+) -> Cuebx:
     """Build the benchmark app for one run: its exchange and queues are named by `prefix`.
 
     With `plugin`, `NoOpPlugin` is installed: same tasks, same queues, every hook called.
@@ -119,6 +130,7 @@ def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = F
         connection_name=f"cuebx benchmark {prefix}"
         + (f" ({type(middleware[0]).__name__})" if middleware else ""),
         middleware=middleware,
+        store=store or None,
     )
     address = parse_address(udp)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -149,4 +161,5 @@ app = build_app(
     os.environ.get(ENV_PREFIX, "bench.unset"),
     os.environ.get(ENV_UDP, "127.0.0.1:9"),
     plugin=os.environ.get(ENV_PLUGIN) == "1",
+    store=os.environ.get("CUEBX_BENCH_STORE"),
 )

@@ -18,7 +18,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -287,7 +287,7 @@ class Worker:
                 )
             self._consuming = True
             task_status.started()
-            await self._stopping.wait()
+            await self._serve_until_stopping()
             logger.info(
                 "stopping: no new messages; waiting up to %gs for running handlers",
                 self.shutdown_timeout,
@@ -305,6 +305,26 @@ class Worker:
             self._consuming = False
             with anyio.CancelScope(shield=True):
                 await self._shut_down(subscriptions)
+
+    async def _serve_until_stopping(self) -> None:
+        """Run the middleware's ``serve`` hooks beside the consumers until a stop begins."""
+        serve = self.stack.serve
+        if not serve:
+            await self._stopping.wait()
+            return
+        async with anyio.create_task_group() as services:
+            for hook in serve:
+                services.start_soon(self._serve, hook)
+            await self._stopping.wait()
+            services.cancel_scope.cancel()
+
+    async def _serve(self, hook: Callable[[Worker], Awaitable[None]]) -> None:
+        try:
+            await hook(self)
+        except Exception:
+            # A plug-in's service failing must not stop the tasks: say so and go on.
+            owner = type(getattr(hook, "__self__", hook)).__name__
+            logger.exception("middleware %s: its serve() failed; the worker goes on", owner)
 
     async def _shut_down(self, subscriptions: list[Subscription]) -> None:
         # Consumers first: a handler cancelled now requeues its message, which must not
@@ -416,6 +436,7 @@ class Worker:
                 # A classic queue's redelivered message comes back as a counted copy.
                 redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
                 published_at=delivery.timestamp,
+                reply_to=delivery.reply_to,
             )
             await self._run(queue, task, context, decision.arguments, delivery)
             return
@@ -431,6 +452,7 @@ class Worker:
             task_name=known or "",
             queue=queue.name,
             redelivered=delivery.redelivered,
+            reply_to=delivery.reply_to,
         )
         if isinstance(decision, CountRedelivery):
             await self._count_redelivery(queue, delivery, context, decision.count)
@@ -727,6 +749,7 @@ def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
         headers={k: v for k, v in delivery.headers.items() if k not in BROKER_HEADERS},
         timestamp=delivery.timestamp or datetime.now(UTC),
         priority=delivery.priority,
+        reply_to=delivery.reply_to,
     )
 
 

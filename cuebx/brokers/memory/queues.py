@@ -189,6 +189,10 @@ class MemoryDelivery:
     def redelivered(self) -> bool:
         return self.entry.returns > 0
 
+    @property
+    def reply_to(self) -> str | None:
+        return self.entry.message.reply_to
+
     async def ack(self) -> None:
         """Acknowledge; a no-op once the channel closed (the message is back in its queue).
 
