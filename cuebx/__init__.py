@@ -3,6 +3,7 @@
 from cuebx.app import Cuebx
 from cuebx.context import TaskContext, current_context
 from cuebx.errors import (
+    AppNotFoundError,
     ArgumentsError,
     BatchPublishError,
     BrokerError,
@@ -36,6 +37,7 @@ from cuebx.worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppNotFoundError",
     "ArgumentsError",
     "BatchPublishError",
     "BrokerError",

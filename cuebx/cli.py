@@ -7,22 +7,19 @@ The operations commands (``cuebx dlq``, ``cuebx status``, ``cuebx topology diff`
 from __future__ import annotations
 
 import functools
-import importlib
 import logging
-import os
 import signal
-import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 
-from cuebx import __version__
+from cuebx import __version__, loader
 from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
-from cuebx.errors import CuebxError
+from cuebx.errors import AppNotFoundError, CuebxError
 from cuebx.ops import commands
 from cuebx.ops.logs import LogFormat, configure_logging
 from cuebx.worker import Worker
@@ -36,45 +33,11 @@ logger = logging.getLogger("cuebx.cli")
 
 
 def load_app(path: str) -> Cuebx:
-    """Import ``module[:attribute]`` and return its `Cuebx` app.
-
-    Without an attribute, the module must hold exactly one `Cuebx` instance.
-
-    Raises:
-        click.ClickException: one line saying what could not be found.
-    """
-    module_name, _, attribute = path.partition(":")
-    if not module_name:
-        raise click.ClickException(f"-A {path!r}: expected module or module:attribute")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """`cuebx.loader.load_app`, with its errors as one-line click errors."""
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise click.ClickException(f"-A {path!r}: no module named {exc.name!r}") from None
-        raise
-    except CuebxError as exc:
-        # A task or app option refused while the module was imported: the message says
-        # which task and option, so a traceback through importlib adds nothing.
-        raise click.ClickException(f"-A {path!r}: {type(exc).__name__}: {exc}") from None
-    if attribute:
-        app = getattr(module, attribute, None)
-        if app is None:
-            raise click.ClickException(f"-A {path!r}: module {module_name!r} has no {attribute!r}")
-        if not isinstance(app, Cuebx):
-            raise click.ClickException(
-                f"-A {path!r}: {attribute!r} is a {type(app).__name__}, not a Cuebx app"
-            )
-        return app
-    apps = {n: v for n, v in vars(module).items() if isinstance(v, Cuebx)}
-    if len(apps) != 1:
-        found = ", ".join(sorted(apps)) or "none"
-        raise click.ClickException(
-            f"-A {path!r}: expected exactly one Cuebx app in {module_name!r}, found {found}; "
-            "name it as module:attribute"
-        )
-    return next(iter(apps.values()))
+        return loader.load_app(path)
+    except AppNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 _BROKER_URL_HELP = (

@@ -4,7 +4,8 @@ The tree::
 
     CuebxError
     ├── ConfigurationError          a task or app option is wrong (also a ValueError)
-    │   └── DuplicateTaskError      two tasks registered under one name
+    │   ├── DuplicateTaskError      two tasks registered under one name
+    │   └── AppNotFoundError        ``-A module:attribute`` does not lead to an app
     ├── ArgumentsError              .delay() arguments that do not fit the task's signature
     ├── TopologyError               the broker refused a declaration
     │   └── TopologyConflictError   a queue exists with other arguments
@@ -36,6 +37,7 @@ from datetime import timedelta
 from typing import Any
 
 __all__ = [
+    "AppNotFoundError",
     "ArgumentsError",
     "BatchPublishError",
     "BrokerError",
@@ -70,6 +72,10 @@ class ConfigurationError(CuebxError, ValueError):
 
 class DuplicateTaskError(ConfigurationError):
     """Two tasks were registered under the same name."""
+
+
+class AppNotFoundError(ConfigurationError):
+    """An app path (``cuebx -A module:attribute``) does not lead to a `Cuebx` app."""
 
 
 class ArgumentsError(CuebxError, TypeError):

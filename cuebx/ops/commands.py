@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import click
 
-from cuebx.errors import CuebxError
+from cuebx.errors import AppNotFoundError, CuebxError
+from cuebx.loader import load_app
 from cuebx.ops.diff import TopologyDiff, diff_topology, migration
 from cuebx.ops.dlq import Listing, Report
 from cuebx.ops.records import DeadLetterEntry, decode_body, encode_json, entry_record
@@ -63,9 +64,10 @@ def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _load(app_path: str) -> Cuebx:
-    from cuebx.cli import load_app  # the command line's loader; cuebx.cli imports this module
-
-    return load_app(app_path)
+    try:
+        return load_app(app_path)
+    except AppNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _run(app: Cuebx, operation: Callable[[], Awaitable[T]]) -> T:
