@@ -173,6 +173,11 @@ class _AmqpDelivery:
     def timestamp(self) -> datetime | None:
         return self._props.timestamp
 
+    @property
+    def channel_open(self) -> bool:
+        # aio-pika reopens a lost channel as a new aiormq channel: this one stays closed.
+        return not self._channel.is_closed
+
     async def ack(self) -> None:
         try:
             await self._acks.ack(self._tag)

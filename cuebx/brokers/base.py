@@ -55,6 +55,12 @@ class Delivery(Protocol):
     def timestamp(self) -> datetime | None: ...
     @property
     def redelivered(self) -> bool: ...
+    @property
+    def channel_open(self) -> bool:
+        """False once the channel that delivered it closed: the broker put the message back
+        in its queue, and settling it does nothing. Lets code that holds a delivery for long
+        (a scheduler's state message) learn that it no longer holds it."""
+        ...
 
     async def ack(self) -> None:
         """Acknowledge: the broker forgets the message. A lost channel is not an error:
