@@ -96,9 +96,15 @@ class Scheduler(Middleware):
         self.refresh = 60.0
         self._guard: OverlapGuard | None = None
         self._serving = False
+        self._leaders: dict[str, JobLeader] = {}
 
     def __repr__(self) -> str:
         return f"<Scheduler jobs={list(self.jobs)} enabled={self.enabled}>"
+
+    @property
+    def leading(self) -> frozenset[str]:
+        """The jobs this process is the active scheduler of, now."""
+        return frozenset(name for name, leader in self._leaders.items() if leader.leading)
 
     def configure(self, *, enabled: bool | None = None, refresh: Duration | None = None) -> None:
         """Change `enabled` or `refresh` (a duration such as ``"30s"``).
@@ -199,25 +205,24 @@ class Scheduler(Middleware):
 
     async def _elect(self, job: Job, broker: Broker, identity: str) -> None:
         """Run the job's side of the election; start it again after an unexpected error."""
-        leader = self._leader(job, broker, identity)
-        while True:
-            try:
-                await leader.run()
-            except Exception:
-                logger.exception(
-                    "job %s: the scheduler failed; starting it again in %gs", job.name, RETRY
+        try:
+            while True:
+                leader = self._leaders[job.name] = JobLeader(
+                    job,
+                    broker,
+                    exchange=self._app.settings.exchange,
+                    identity=identity,
+                    refresh=self.refresh,
                 )
-                await broker.clock.sleep(RETRY)
-                leader = self._leader(job, broker, identity)
-
-    def _leader(self, job: Job, broker: Broker, identity: str) -> JobLeader:
-        return JobLeader(
-            job,
-            broker,
-            exchange=self._app.settings.exchange,
-            identity=identity,
-            refresh=self.refresh,
-        )
+                try:
+                    await leader.run()
+                except Exception:
+                    logger.exception(
+                        "job %s: the scheduler failed; starting it again in %gs", job.name, RETRY
+                    )
+                    await broker.clock.sleep(RETRY)
+        finally:
+            self._leaders.pop(job.name, None)
 
     # -- what cuebx schedule shows ----------------------------------------------------------
 
