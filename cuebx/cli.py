@@ -17,6 +17,8 @@ from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
 from cuebx.errors import CuebxError
+from cuebx.scheduling import JobReport
+from cuebx.scheduling.schedules import slot_text
 from cuebx.worker import Worker
 
 __all__ = ["load_app", "main", "one_line_error"]
@@ -97,6 +99,7 @@ def main() -> None:
       cuebx worker -A shop.tasks:app -Q emails    consume one queue only
       CUEBX_APP=shop.tasks cuebx worker -l debug  the app from the environment
       cuebx topology -A myapp                     print what the app declares
+      cuebx schedule -A myapp                     list periodic jobs and their scheduler
       cuebx worker -h                             the worker's options
     """
 
@@ -117,12 +120,18 @@ def main() -> None:
     metavar="LEVEL",
     help="DEBUG, INFO, WARNING or ERROR (any case); logs go to stderr.",
 )
+@click.option(
+    "--no-scheduler",
+    is_flag=True,
+    help="Do not take part in firing periodic jobs (their tasks still run here).",
+)
 def worker(
     app_path: str,
     queues: str | None,
     prefetch: int | None,
     shutdown_timeout: str | None,
     log_level: str,
+    no_scheduler: bool,
 ) -> None:
     """Declare the topology and run tasks until SIGINT or SIGTERM.
 
@@ -131,6 +140,7 @@ def worker(
       cuebx worker -A myapp
       cuebx worker -A shop.tasks:app -Q emails,webhooks --prefetch 20
       cuebx worker -A shop.tasks -Q reports --prefetch 2 --shutdown-timeout 2m
+      cuebx worker -A shop.tasks --no-scheduler   run tasks, never fire periodic jobs
       CUEBX_BROKER_URL=amqp://app:secret@rabbitmq:5672/prod cuebx worker -A shop.tasks
     """
     logging.basicConfig(
@@ -145,6 +155,8 @@ def worker(
             "the module (or in modules it imports)"
         )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    if no_scheduler:
+        app.scheduler.configure(enabled=False)
     try:
         seconds = (
             None
@@ -157,6 +169,8 @@ def worker(
     logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
     for queue in built.queues:
         logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
+    if no_scheduler:
+        logger.info("scheduler: off (--no-scheduler)")
     try:
         anyio.run(_run_worker, app, built, backend_options=_backend_options())
     except (CuebxError, BaseExceptionGroup) as exc:
@@ -252,3 +266,59 @@ def topology(app_path: str) -> None:
     if not console.is_terminal:
         console = Console(width=240)
     console.print(table)
+
+
+@main.command()
+@_app_option
+def schedule(app_path: str) -> None:
+    """List the periodic jobs: schedule, last and next fire, the active scheduler.
+
+    Reads what the active scheduler last published on the broker, without taking part in
+    the election or touching the state it holds.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    app = load_app(app_path)
+    if not app.scheduler.jobs:
+        click.echo(f"{app_path}: no periodic jobs (use @app.periodic or app.schedule)")
+        return
+    try:
+        reports = anyio.run(_report, app, backend_options=_backend_options())
+    except CuebxError as exc:
+        raise click.ClickException(str(exc)) from None
+    table = Table(title=f"periodic jobs on exchange {app.settings.exchange!r}")
+    for column in ("job", "task (queue)", "schedule", "last fire", "next fire", "scheduler"):
+        table.add_column(column, overflow="fold")
+    for r in reports:
+        table.add_row(
+            r.job,
+            f"{r.task} ({r.queue})",
+            r.schedule,
+            _when(r.last),
+            _when(r.next),
+            _who(r),
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+async def _report(app: Cuebx) -> list[JobReport]:
+    try:
+        return await app.scheduler.report()
+    finally:
+        await app.close()
+
+
+def _when(slot: int | None) -> str:
+    return "-" if slot is None else slot_text(slot)
+
+
+def _who(report: JobReport) -> str:
+    if report.leader is not None:
+        return f"{report.leader} ({report.reported:.0f}s ago)"
+    if report.previous_leader:
+        return f"none active (last: {report.previous_leader}, {report.reported:.0f}s ago)"
+    return "none yet"

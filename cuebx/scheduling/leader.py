@@ -65,7 +65,7 @@ logger = logging.getLogger("cuebx.scheduler")
 #: Unacked state messages one scheduler may hold: its own and a few seeds to discard.
 PREFETCH = 20
 #: Seconds a leader holding a seed waits for a real state that may be behind it.
-SETTLE = 2.0
+SETTLE = 1.0
 #: Seconds a leader waits for its own next state to come back before it counts as stepped down.
 HANDBACK = 10.0
 #: Seconds before trying again when a publish failed.
