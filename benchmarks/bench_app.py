@@ -15,6 +15,10 @@ Queues (all under the run's prefix, which is also the exchange name):
 
 With ``CUEBX_BENCH_PLUGIN=1`` the app has `NoOpPlugin` installed: the "plugin" side of the
 benchmark, which shows what the extension seam costs when a plug-in is there.
+
+With ``CUEBX_BENCH_SCHEDULER=N`` (set in the runner's environment, so every cuebx side has it)
+the app has N periodic jobs firing every second into ``<prefix>.scheduled``: compare a run
+with it to one without to see what carrying the scheduler costs a worker's drain rate.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from wire import (
     DATAGRAM,
     ENV_PLUGIN,
     ENV_PREFIX,
+    ENV_SCHEDULER,
     ENV_UDP,
     enqueue_queue,
     idle_queues,
@@ -129,6 +134,16 @@ def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = F
             return None
 
         app.task(queue=queue, name=f"idle{k}")(idle)
+
+    jobs = int(os.environ.get(ENV_SCHEDULER) or 0)
+    if jobs:
+
+        @app.task(queue=f"{prefix}.scheduled")
+        async def scheduled() -> None:
+            return None
+
+        for k in range(jobs):
+            app.schedule(scheduled, every="1s", name=f"job{k}")
     return app
 
 
