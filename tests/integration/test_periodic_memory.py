@@ -15,6 +15,7 @@ import pytest
 from cuebx import Cuebx, current_context
 from cuebx.brokers.memory import MemoryBroker
 from cuebx.scheduling.leader import read_status
+from cuebx.scheduling.schedules import slot_text
 from cuebx.scheduling.state import JobStatus, status_queue_name
 from cuebx.worker import Worker
 
@@ -314,3 +315,97 @@ async def test_several_schedulers_started_at_once_fire_each_slot_once_and_hand_o
     tens = [int(datetime.fromisoformat(s).timestamp()) // 600 for s in fires.slots]
     assert tens == list(range(first, first + 12))
     assert len(became) == 2  # the first leader, then the one that took over
+
+
+async def test_a_leader_whose_channel_closed_steps_down_and_never_fires_from_memory(
+    broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a lost connection does on RabbitMQ: the channel closes, the state goes back."""
+    fires = Fires()
+    first, second = make_app(broker, fires, every="10m"), make_app(broker, fires, every="10m")
+    start = broker.clock.time()
+    with caplog.at_level(logging.INFO, logger="cuebx.scheduler"):
+        async with running(first, second):
+            await until_time(broker, start + 1800)
+            leader = first if first.scheduler.leading else second
+            # Close the channel of the consumer that holds the state (the test stands in for
+            # a lost connection; memory:// has no reconnection to reopen it).
+            [held] = [
+                c for c in broker._consumers if c.queue.name == "cuebx.scheduler.tick" and c.unacked
+            ]
+            broker._close_consumer(held)
+            await until_time(broker, start + 3600)
+            assert leader.scheduler.leading == frozenset()
+    tens = [int(datetime.fromisoformat(s).timestamp()) // 600 for s in fires.slots]
+    first_ten = int(start) // 600 + 1
+    assert tens == list(range(first_ten, first_ten + 6))
+    assert "its channel closed" in caplog.text
+
+
+async def test_a_scheduler_in_line_offers_a_fresh_state_when_none_is_left(
+    broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state queue left empty (purged by hand) does not stop the job for good."""
+    fires = Fires()
+    app = make_app(broker, fires, refresh="1m", every="10m")
+    await broker.declare(app.scheduler.topology())
+    swallowed: list[bytes] = []
+
+    async def swallow(delivery: Any) -> None:
+        swallowed.append(delivery.body)
+        await delivery.ack()
+
+    # Another consumer is first in line and loses every state it gets.
+    thief = await broker.consume("cuebx.scheduler.tick", 10, swallow)
+    start = broker.clock.time()
+    with caplog.at_level(logging.WARNING, logger="cuebx.scheduler"):
+        async with running(app):
+            await until_time(broker, start + 11 * 60)
+            assert len(swallowed) >= 2  # the seed at start, then one offered by the watch
+            await thief.close()
+            await until_time(broker, start + 40 * 60)
+    assert "offering a fresh state" in caplog.text
+    assert len(fires.runs) >= 2
+
+
+async def test_a_fire_the_broker_did_not_confirm_is_tried_again_and_not_lost(
+    broker: MemoryBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    fires = Fires()
+    app = make_app(broker, fires, every="1h")
+    start = broker.clock.time()
+    with caplog.at_level(logging.ERROR, logger="cuebx.scheduler"):
+        async with running(app):
+            await until_time(broker, start + 3600 + 1)
+            assert len(fires.runs) == 1
+            # The task's queue disappears: its next fire is returned as unroutable...
+            await broker.delete(app.topology())
+            await until_time(broker, (int(start) // 3600 + 2) * 3600 + 1)
+            # ...and once it is back, the same slot fires, late but within the grace.
+            await broker.declare(app.topology())
+            await until_time(broker, (int(start) // 3600 + 2) * 3600 + 9)
+            # (Deleting the queue also ended the worker's consumer: the message waits there.)
+            [late] = broker.messages("default")
+    assert "publishing failed; the slot stays due" in caplog.text
+    [on_time] = fires.runs
+    assert int(datetime.fromisoformat(on_time[0]).timestamp()) // 3600 == int(start) // 3600 + 1
+    assert late.message_id == f"cron:tick:{slot_text((int(start) // 3600 + 2) * 3600)}"
+
+
+async def test_with_overlap_skip_a_dead_lettered_run_ends_its_run_too(
+    broker: MemoryBroker,
+) -> None:
+    app = Cuebx("memory://", broker=broker)
+    runs: list[str] = []
+
+    @app.task(queue="fragile")
+    async def fragile() -> None:
+        runs.append(current_context().headers["x-cuebx-slot"])
+        raise ValueError("broken")  # no retries: dead-lettered at once
+
+    app.schedule(fragile, every="1h", overlap="skip")
+    app.scheduler.configure(refresh="1h")
+    start = broker.clock.time()
+    async with running(app):
+        await until_time(broker, start + 4 * 3600)
+    assert len(runs) >= 3  # each run ended (dead-lettered), so none held the next back
