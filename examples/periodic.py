@@ -58,9 +58,11 @@ async def rebuild_search_index() -> None:
 async def main() -> None:
     """Run a day of the schedule on the in-memory broker: its clock jumps from slot to slot."""
     with use_memory_broker(app) as broker:
-        start = broker.clock.time()
+        # From half a minute before an hour to just before the same hour the next day.
+        hour = (broker.clock.time() // 3600 + 1) * 3600
+        await broker.clock.advance(hour - 30 - broker.clock.time())
         worker = await app.start_consumers()
-        await broker.clock.sleep_until(start + 24 * 3600)
+        await broker.clock.sleep_until(hour + 24 * 3600 - 1)
         await worker.stop()
         await app.close()
     for job, runs in sorted(ran.items()):
