@@ -14,7 +14,8 @@ Queues (all under the run's prefix, which is also the exchange name):
   benchmark.
 
 With ``CUEBX_BENCH_PLUGIN=1`` the app has `NoOpPlugin` installed: the "plugin" side of the
-benchmark, which shows what the extension seam costs when a plug-in is there.
+benchmark, which shows what the extension seam costs when a plug-in is there. With
+``CUEBX_BENCH_STORE=<url>`` it records task status in that store (``benchmarks/results.py``).
 
 With ``CUEBX_BENCH_SCHEDULER=N`` (set in the runner's environment, so every cuebx side has it)
 the app has N periodic jobs firing every second into ``<prefix>.scheduled``: compare a run
@@ -101,7 +102,14 @@ def _check_every_hook_overridden() -> None:
         raise RuntimeError(f"bench_app.NoOpPlugin does not override {', '.join(missing)}")
 
 
-def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = False) -> Cuebx:
+def build_app(
+    prefix: str,
+    udp: str,
+    *,
+    url: str | None = None,
+    plugin: bool = False,
+    store: str | None = None,
+) -> Cuebx:
     """Build the benchmark app for one run: its exchange and queues are named by `prefix`.
 
     With `plugin`, `NoOpPlugin` is installed: same tasks, same queues, every hook called.
@@ -113,6 +121,7 @@ def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = F
         exchange=prefix,
         connection_name=f"cuebx benchmark {prefix}" + (" (no-op plug-in)" if plugin else ""),
         middleware=[NoOpPlugin()] if plugin else (),
+        store=store or None,
     )
     address = parse_address(udp)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -153,4 +162,5 @@ app = build_app(
     os.environ.get(ENV_PREFIX, "bench.unset"),
     os.environ.get(ENV_UDP, "127.0.0.1:9"),
     plugin=os.environ.get(ENV_PLUGIN) == "1",
+    store=os.environ.get("CUEBX_BENCH_STORE"),
 )

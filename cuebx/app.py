@@ -6,7 +6,9 @@ in middleware (`cuebx.middleware`); the app wires them to one broker and one top
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import inspect
+import logging
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, overload
 
@@ -15,17 +17,24 @@ import anyio
 from cuebx.brokers.base import Broker, broker_for_url, mask_url
 from cuebx.context import TaskContext
 from cuebx.durations import Duration
-from cuebx.errors import ConfigurationError, DuplicateTaskError
+from cuebx.errors import ConfigurationError, DuplicateTaskError, StoreError
+from cuebx.idempotency import Idempotency
 from cuebx.middleware import Middleware, Stack
 from cuebx.policy import RetrySpec
 from cuebx.publisher import Publisher
+from cuebx.results import Results
+from cuebx.rpc import Caller, Replier
 from cuebx.scheduling import Job, Misfire, Overlap, Scheduler
 from cuebx.settings import Settings, check_seconds
-from cuebx.task import TASK_OPTIONS, Task, TaskOptions
+from cuebx.status import TaskStatus
+from cuebx.stores.base import Store, store_for_url
+from cuebx.task import TASK_OPTIONS, AsyncTask, Task, TaskHandle, TaskOptions
 from cuebx.topology import QueueType, Topology, plan
 from cuebx.worker import Worker
 
 __all__ = ["Cuebx"]
+
+logger = logging.getLogger("cuebx.app")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -38,6 +47,12 @@ class TaskDecorator:
         self._app = app
         self._options = options
 
+    @overload
+    def __call__(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]]
+    ) -> AsyncTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncTask[P, R]: ...
     @overload
     def __call__(self, fn: Callable[Concatenate[TaskContext, P], R]) -> Task[P, R]: ...
     @overload
@@ -88,6 +103,12 @@ class Cuebx:
             `cuebx.Middleware`); more can be added with `add_middleware`.
         broker: a broker object to use instead of the one `url` names (a test's own
             `MemoryBroker`, say); see also `use_broker`.
+        store: where task states, results and idempotency keys live: a URL
+            (``"redis://localhost:6379/0"`` with ``cuebx[redis]``,
+            ``"postgresql://..."`` with ``cuebx[postgres]``, ``"memory://"``) or a
+            `cuebx.stores.Store`. None: no status, no results, no idempotency.
+        result_ttl: how long a task's state and result are kept after its last change.
+        call_timeout: how long `Task.call` waits for a reply unless told otherwise.
 
     Raises:
         ConfigurationError: an option is invalid; the message names it.
@@ -111,6 +132,9 @@ class Cuebx:
         connection_name: str | None = None,
         middleware: Iterable[Middleware] = (),
         broker: Broker | None = None,
+        store: str | Store | None = None,
+        result_ttl: Duration = "1d",
+        call_timeout: Duration = "30s",
     ) -> None:
         self.settings = Settings.build(
             url,
@@ -129,7 +153,27 @@ class Cuebx:
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.middleware = Stack(middleware)
-        self.publisher = Publisher(self, self.settings, self.middleware)
+        self.store: Store | None = store_for_url(store) if isinstance(store, str) else store
+        self.results: Results | None = None
+        # The replier first, so that its after_handler (in reverse order) replies last,
+        # once the result is stored and the idempotency key settled.
+        self.middleware.add(Replier())
+        if self.store is not None:
+            idempotency = self.middleware.find(Idempotency)
+            if idempotency is None:
+                idempotency = Idempotency()
+                self.middleware.add(idempotency)
+            idempotency.bind(self.store)
+            ttl = check_seconds(result_ttl, "Cuebx", "result_ttl", positive=True)
+            self.results = Results(self.store, self.tasks, ttl=ttl)
+            self.middleware.add(self.results)
+        self.publisher = Publisher(
+            self,
+            self.settings,
+            self.middleware,
+            caller=Caller(check_seconds(call_timeout, "Cuebx", "call_timeout", positive=True)),
+            source=self.results,
+        )
         self._topology: Topology | None = None
         self._broker: Broker | None = broker
         self._connected = False
@@ -142,6 +186,12 @@ class Cuebx:
 
     # -- registry ---------------------------------------------------------------------------
 
+    @overload
+    def task(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
     @overload
     def task(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> Task[P, R]: ...
     @overload
@@ -161,6 +211,9 @@ class Cuebx:
         routing_keys: Sequence[str] = (),
         retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
         dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        track: bool = True,
+        idempotent: bool = False,
+        idempotency_key: Callable[..., str] | None = None,
     ) -> TaskDecorator: ...
     def task(self, *args: Any, **options: Any) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., ...)``.
@@ -177,6 +230,10 @@ class Cuebx:
             routing_keys: more routing keys binding the queue to the exchange.
             retry_on: only these exception types are retried.
             dont_retry_on: these exception types are never retried.
+            track: record this task's status and result in the app's store (if it has one).
+            idempotent: run it at most once per message id (needs a store).
+            idempotency_key: run it at most once per key, a function of its arguments
+                returning a string (needs a store).
 
         Raises:
             DuplicateTaskError: a task with that name exists.
@@ -208,9 +265,15 @@ class Cuebx:
                 f"task {task_name!r}: unknown option(s) {', '.join(unknown)}; "
                 f"options are: name, {', '.join(sorted(TASK_OPTIONS))}"
             )
-        task: Task[Any, Any] = Task(
+        kind = AsyncTask if inspect.iscoroutinefunction(fn) else Task
+        task: Task[Any, Any] = kind(
             self.publisher, fn, TaskOptions.build(name=task_name, **options)
         )
+        if task.options.idempotent and self.store is None:
+            raise ConfigurationError(
+                f"task {task_name!r}: idempotent= and idempotency_key= need a store to "
+                "remember keys in: Cuebx(url, store='redis://...' or 'postgresql://...')"
+            )
         # Check the topology with this task before keeping it, so a clash names this task.
         self._plan([*self.tasks.values(), task])
         self.tasks[task_name] = task
@@ -349,6 +412,33 @@ class Cuebx:
         """
         self.middleware.add(middleware)
 
+    # -- status -----------------------------------------------------------------------------
+
+    def _results(self) -> Results:
+        if self.results is None:
+            raise ConfigurationError(
+                "task status needs a store: Cuebx(url, store='redis://...' or "
+                "'postgresql://...' or 'memory://')"
+            )
+        return self.results
+
+    async def status(self, task_id: str) -> TaskStatus:
+        """Read the status of any task by id: ``unknown`` for an id the store never saw.
+
+        Raises:
+            ConfigurationError: the app has no store.
+            StoreError: the store did not answer.
+        """
+        return await self._results().status(task_id)
+
+    def handle(self, task_id: str) -> TaskHandle[Any]:
+        """Rebuild a handle from a task id (from a URL, say): its `status` and `result`.
+
+        The result is decoded as its task's return type when that task is registered here;
+        `Task.handle` gives a handle typed by a task you name.
+        """
+        return TaskHandle(task_id, "", "", task_id, self._results(), None)
+
     # -- lifecycle --------------------------------------------------------------------------
 
     @property
@@ -415,6 +505,12 @@ class Cuebx:
                     await broker.close()
                 raise
             self._connected = True
+            if self.store is not None:
+                try:
+                    await self.store.connect()
+                except StoreError as exc:
+                    # Publishing and consuming never wait for the store: say it, go on.
+                    logger.warning("the store does not answer yet: %s; carrying on", exc)
 
     async def declare(self) -> None:
         """Declare the exchange, queues and bindings of every registered task."""
@@ -428,6 +524,8 @@ class Cuebx:
             await worker.stop()
         if self._broker is not None:
             await self._broker.close()
+        if self.store is not None:
+            await self.store.close()
         self._connected = False
 
     async def __aenter__(self) -> Self:

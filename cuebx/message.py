@@ -35,6 +35,8 @@ __all__ = [
     "Serializer",
     "codec_for",
     "dead_letter_copy",
+    "decode_other",
+    "encode_other",
     "header_count",
     "is_model_type",
     "new_message_id",
@@ -101,6 +103,8 @@ class OutgoingMessage:
     headers: Mapping[str, Any]
     timestamp: datetime
     priority: int | None = None
+    #: Where the worker sends the task's value (`Task.call`): RabbitMQ's direct reply-to.
+    reply_to: str | None = None
 
 
 def is_model_type(type_: Any) -> bool:
@@ -114,14 +118,14 @@ def is_model_type(type_: Any) -> bool:
     )
 
 
-def _encode_other(value: Any) -> Any:
+def encode_other(value: Any) -> Any:
     """msgspec's ``enc_hook``: a pydantic model becomes its JSON-compatible dump."""
     if is_model_type(type(value)):
         return value.model_dump(mode="json")
     raise TypeError(f"Encoding objects of type {type(value).__qualname__} is unsupported")
 
 
-def _decode_other(type_: type[Any], value: Any) -> Any:
+def decode_other(type_: type[Any], value: Any) -> Any:
     """msgspec's ``dec_hook``: plain data becomes a pydantic model, validated by pydantic.
 
     Pydantic's ValidationError is a ValueError, which msgspec reports as a
@@ -147,14 +151,14 @@ class Codec:
     def decoder(self, type_: Any) -> msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]:
         """Build a decoder that validates into `type_` (built once per task, then reused)."""
         if self.name == "json":
-            return msgspec.json.Decoder(type_, dec_hook=_decode_other)
-        return msgspec.msgpack.Decoder(type_, dec_hook=_decode_other)
+            return msgspec.json.Decoder(type_, dec_hook=decode_other)
+        return msgspec.msgpack.Decoder(type_, dec_hook=decode_other)
 
 
 _CODECS: dict[str, Codec] = {
-    "json": Codec("json", CONTENT_TYPES["json"], msgspec.json.Encoder(enc_hook=_encode_other)),
+    "json": Codec("json", CONTENT_TYPES["json"], msgspec.json.Encoder(enc_hook=encode_other)),
     "msgpack": Codec(
-        "msgpack", CONTENT_TYPES["msgpack"], msgspec.msgpack.Encoder(enc_hook=_encode_other)
+        "msgpack", CONTENT_TYPES["msgpack"], msgspec.msgpack.Encoder(enc_hook=encode_other)
     ),
 }
 _BY_CONTENT_TYPE = {c.content_type: c for c in _CODECS.values()}

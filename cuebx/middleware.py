@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -61,8 +60,7 @@ class Skip(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True)
-class Publish:
+class Publish(msgspec.Struct):
     """A message about to be published (``before_publish``) or just published (``after_publish``).
 
     Attributes:
@@ -86,8 +84,7 @@ class Publish:
         return headers
 
 
-@dataclass(slots=True)
-class Received:
+class Received(msgspec.Struct):
     """A message the worker is handling, as the handler hooks see it.
 
     Attributes:
@@ -102,11 +99,10 @@ class Received:
     context: TaskContext
     task: Task[Any, Any] | None
     arguments: msgspec.Struct | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     """How a handler run ended, for ``after_handler``.
 
     Attributes:

@@ -426,6 +426,7 @@ class Worker:
                 queue=queue.name,
                 # A classic queue's redelivered message comes back as a counted copy.
                 redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
+                reply_to=delivery.reply_to,
             )
             await self._run(queue, task, context, decision.arguments, delivery)
             return
@@ -441,6 +442,7 @@ class Worker:
             task_name=known or "",
             queue=queue.name,
             redelivered=delivery.redelivered,
+            reply_to=delivery.reply_to,
         )
         if isinstance(decision, CountRedelivery):
             await self._count_redelivery(queue, delivery, context, decision.count)
@@ -737,6 +739,7 @@ def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
         headers={k: v for k, v in delivery.headers.items() if k not in BROKER_HEADERS},
         timestamp=delivery.timestamp or datetime.now(UTC),
         priority=delivery.priority,
+        reply_to=delivery.reply_to,
     )
 
 

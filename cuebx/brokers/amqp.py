@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from cuebx.brokers.base import DeliveryHandler, SystemClock, mask_url
+from cuebx.brokers.base import DeliveryHandler, LostHandler, ReplyHandler, SystemClock, mask_url
 from cuebx.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -54,6 +54,8 @@ def _not_a_refused_connection(record: logging.LogRecord) -> bool:
 logging.getLogger("aiormq.connection").addFilter(_not_a_refused_connection)
 
 _PERSISTENT = 2
+#: RabbitMQ's pseudo-queue for direct reply-to (no declaration, consumed in no-ack mode).
+_DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _LOST_CHANNEL = (
     aiormq.exceptions.ChannelInvalidStateError,
     aiormq.exceptions.AMQPError,
@@ -177,6 +179,10 @@ class _AmqpDelivery:
     def channel_open(self) -> bool:
         # aio-pika reopens a lost channel as a new aiormq channel: this one stays closed.
         return not self._channel.is_closed
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._props.reply_to
 
     async def ack(self) -> None:
         try:
@@ -371,6 +377,8 @@ class AmqpBroker:
         self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
         self._subscriptions: set[_Subscription] = set()
         self._lock = anyio.Lock()
+        # The channel the direct reply-to consumer runs on (the publisher's, at the time).
+        self._replies_on: aiormq.abc.AbstractChannel | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -526,6 +534,7 @@ class AmqpBroker:
             message_id=message.message_id,
             timestamp=message.timestamp,
             headers=headers if type(headers) is dict else dict(headers),
+            reply_to=message.reply_to,
         )
         timeout = self.publish_timeout
         try:
@@ -564,6 +573,66 @@ class AmqpBroker:
                 f"message {message.message_id} to {_target(exchange, routing_key)} was "
                 "nacked by the broker"
             )
+
+    async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
+        underlay = self._publisher_underlay
+        if underlay is None or underlay.is_closed:
+            underlay = await self._publish_channel()
+        if self._replies_on is underlay and not underlay.is_closed:
+            return _DIRECT_REPLY_TO
+        self._replies_on = underlay
+
+        def deliver(message: DeliveredMessage) -> None:
+            props = message.header.properties
+            on_reply(props.correlation_id, props.headers or {}, message.body)
+
+        async def on_message(message: DeliveredMessage) -> None:
+            deliver(message)
+
+        def closed(closing: asyncio.Future[Any]) -> None:
+            if self._replies_on is underlay:
+                self._replies_on = None
+            error = None if closing.cancelled() else closing.exception()
+            on_lost(error)
+
+        try:
+            await underlay.basic_consume(_DIRECT_REPLY_TO, on_message, no_ack=True)
+        except BaseException:
+            self._replies_on = None
+            raise
+        underlay.closing.add_done_callback(closed)
+        return _DIRECT_REPLY_TO
+
+    async def reply(self, reply_to: str, message: OutgoingMessage) -> None:
+        properties = spec.Basic.Properties(
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            headers=dict(message.headers),
+        )
+        try:
+            underlay = self._publisher_underlay
+            if underlay is None or underlay.is_closed:
+                underlay = await self._publish_channel()
+            # Not mandatory: on RabbitMQ before 4.x a mandatory publish to a reply-to
+            # address is returned even when it is delivered, and a caller that has gone
+            # is no error of the worker's: RabbitMQ drops the reply.
+            confirm = await underlay.basic_publish(
+                message.body,
+                exchange="",
+                routing_key=reply_to,
+                properties=properties,
+                timeout=self.publish_timeout,
+            )
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"no confirm within {self.publish_timeout:g}s for the reply to {reply_to!r}"
+            ) from None
+        except _LOST_CHANNEL as exc:
+            raise PublishError(f"the reply to {reply_to!r} was not confirmed: {exc}") from exc
+        if not isinstance(confirm, spec.Basic.Ack):
+            raise PublishError(f"the reply to {reply_to!r} was nacked by the broker")
 
     async def publish_many(
         self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int
@@ -674,6 +743,7 @@ def _as_outgoing(message: DeliveredMessage) -> OutgoingMessage:
         headers=dict(props.headers or {}),
         timestamp=props.timestamp or datetime.fromtimestamp(0, UTC),
         priority=props.priority,
+        reply_to=props.reply_to,
     )
 
 

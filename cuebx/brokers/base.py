@@ -27,6 +27,8 @@ __all__ = [
     "Clock",
     "Delivery",
     "DeliveryHandler",
+    "LostHandler",
+    "ReplyHandler",
     "Subscription",
     "BROKER_SCHEMES",
     "SystemClock",
@@ -61,6 +63,9 @@ class Delivery(Protocol):
         in its queue, and settling it does nothing. Lets code that holds a delivery for long
         (a scheduler's state message) learn that it no longer holds it."""
         ...
+    @property
+    def reply_to(self) -> str | None:
+        """Where the publisher waits for a reply (direct reply-to), if anywhere."""
 
     async def ack(self) -> None:
         """Acknowledge: the broker forgets the message. A lost channel is not an error:
@@ -69,6 +74,12 @@ class Delivery(Protocol):
     async def reject(self, *, requeue: bool) -> None:
         """Reject: requeue it, or let the broker dead-letter (or drop) it."""
 
+
+ReplyHandler: TypeAlias = Callable[[str | None, Mapping[str, Any], bytes], None]
+"""Called by a broker for each reply: ``(correlation_id, headers, body)``, in its reader."""
+
+LostHandler: TypeAlias = Callable[[BaseException | None], None]
+"""Called by a broker when the channel its replies came on is gone, with why."""
 
 DeliveryHandler: TypeAlias = Callable[[Delivery], Coroutine[Any, Any, None]]
 """Called by a broker once per delivery, each call in its own task; it settles the delivery."""
@@ -191,6 +202,25 @@ class Broker(Protocol):
 
     async def queue_length(self, queue: str) -> int:
         """Return how many messages are ready in `queue` (not counting unacked ones)."""
+
+    async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
+        """Receive replies on the channel `publish` uses; return the address to reply to.
+
+        RabbitMQ's direct reply-to: a ``basic.consume`` of ``amq.rabbitmq.reply-to`` in
+        no-ack mode, on the same channel that publishes the requests (RabbitMQ ties the
+        replies to it). Idempotent while that channel lives. When the channel or connection
+        is lost, `on_lost` is called once: replies on their way are dropped by RabbitMQ, and
+        the next call registers a new consumer.
+        """
+
+    async def reply(self, reply_to: str, message: OutgoingMessage) -> None:
+        """Send a reply through the default exchange to `reply_to`, with a confirm.
+
+        Not mandatory: a caller that has gone is not an error (RabbitMQ drops the reply).
+
+        Raises:
+            PublishError: the broker did not confirm it.
+        """
 
     async def peek(self, queue: str, limit: int = 1000) -> list[OutgoingMessage]:
         """Return up to `limit` ready messages of `queue`, in order, leaving them there."""

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from anyio.lowlevel import checkpoint
 
-from cuebx.brokers.base import DeliveryHandler
+from cuebx.brokers.base import DeliveryHandler, LostHandler, ReplyHandler
 from cuebx.brokers.memory.clock import CLOCK_MODES, NS_PER_S, Clock, ClockMode
 from cuebx.brokers.memory.host import TaskHost
 from cuebx.brokers.memory.queues import Consumer, Entry, MemoryDelivery, Outcome, Queue
@@ -33,6 +33,9 @@ __all__ = ["MemoryBroker"]
 logger = logging.getLogger("cuebx.memory")
 
 DeathReason = Literal["expired", "rejected", "delivery_limit", "maxlen"]
+
+#: RabbitMQ's direct reply-to pseudo-queue, and the prefix of the addresses it hands out.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class _MemorySubscription:
@@ -107,6 +110,9 @@ class MemoryBroker:
         self._tags = itertools.count(1)
         # Handler calls started or about to start: while any runs, the broker is not idle.
         self._calls = 0
+        # Direct reply-to: this connection's reply consumer, as (address, handlers).
+        self._replies: tuple[str, ReplyHandler, LostHandler] | None = None
+        self._reply_addresses = itertools.count(1)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -132,6 +138,7 @@ class MemoryBroker:
         if not self._connected:
             return
         self._connected = False
+        self._lose_replies()
         consumers, self._consumers = self._consumers, []
         # Stop every consumer before requeueing anything, so that nothing requeued is
         # handed to a consumer about to be closed too.
@@ -248,8 +255,47 @@ class MemoryBroker:
                 results.append(None)
         return results
 
+    # -- direct reply-to --------------------------------------------------------------------
+
+    async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
+        """Receive replies on this connection; the address is what requests carry."""
+        await checkpoint()
+        self._require_connected()
+        if self._replies is None:
+            address = f"{DIRECT_REPLY_TO}.memory-{next(self._reply_addresses)}"
+            self._replies = (address, on_reply, on_lost)
+        return DIRECT_REPLY_TO
+
+    def lose_replies(self) -> None:
+        """Drop the reply consumer as a lost channel would (for tests of lost connections)."""
+        self._lose_replies()
+
+    def _lose_replies(self, error: BaseException | None = None) -> None:
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies[2](error)
+
+    async def reply(self, reply_to: str, message: OutgoingMessage) -> None:
+        """Hand a reply to the caller's reply consumer; a caller that has gone is no error."""
+        await checkpoint()
+        self._require_connected()
+        replies = self._replies
+        if replies is None or replies[0] != reply_to:
+            logger.debug("reply to %r dropped: no such caller (it has gone)", reply_to)
+            return
+        replies[1](message.correlation_id, dict(message.headers), message.body)
+
     def _publish_now(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
         self._require_connected()
+        if message.reply_to == DIRECT_REPLY_TO:
+            if self._replies is None:
+                raise PublishError(
+                    f"message {message.message_id} asks for a direct reply but nothing "
+                    "consumes amq.rabbitmq.reply-to on this channel (RabbitMQ closes the "
+                    "channel: PRECONDITION_FAILED - fast reply consumer does not exist)"
+                )
+            # RabbitMQ rewrites the address into one naming this channel.
+            message = replace(message, reply_to=self._replies[0])
         targets = self._route(exchange, routing_key)
         where = f"exchange {exchange!r} routing key {routing_key!r}"
         if targets is None:

@@ -211,6 +211,10 @@ class MemoryDelivery:
         """False once the consumer's channel closed (the message went back to its queue)."""
         return not self.consumer.closed
 
+    @property
+    def reply_to(self) -> str | None:
+        return self.entry.message.reply_to
+
     async def ack(self) -> None:
         """Acknowledge; a no-op once the channel closed (the message is back in its queue).
 
