@@ -63,6 +63,7 @@ class Delivery(Protocol):
         in its queue, and settling it does nothing. Lets code that holds a delivery for long
         (a scheduler's state message) learn that it no longer holds it."""
         ...
+
     @property
     def reply_to(self) -> str | None:
         """Where the publisher waits for a reply (direct reply-to), if anywhere."""
