@@ -18,6 +18,10 @@ benchmark, which shows what the extension seam costs when a plug-in is there. Wi
 ``CUEBX_BENCH_PLUGIN_KIND=metrics`` in the runner's environment as well, the plugin side has
 ``cuebx.metrics.PrometheusMetrics`` instead: what metrics cost per task.
 With ``CUEBX_BENCH_STORE=<url>`` it records task status in that store (``benchmarks/results.py``).
+
+With ``CUEBX_BENCH_SCHEDULER=N`` (set in the runner's environment, so every cuebx side has it)
+the app has N periodic jobs firing every second into ``<prefix>.scheduled``: compare a run
+with it to one without to see what carrying the scheduler costs a worker's drain rate.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from wire import (
     DATAGRAM,
     ENV_PLUGIN,
     ENV_PREFIX,
+    ENV_SCHEDULER,
     ENV_UDP,
     enqueue_queue,
     idle_queues,
@@ -152,6 +157,16 @@ def build_app(
             return None
 
         app.task(queue=queue, name=f"idle{k}")(idle)
+
+    jobs = int(os.environ.get(ENV_SCHEDULER) or 0)
+    if jobs:
+
+        @app.task(queue=f"{prefix}.scheduled")
+        async def scheduled() -> None:
+            return None
+
+        for k in range(jobs):
+            app.schedule(scheduled, every="1s", name=f"job{k}")
     return app
 
 

@@ -25,6 +25,7 @@ from cuebx.policy import RetrySpec
 from cuebx.publisher import Publisher
 from cuebx.results import Results
 from cuebx.rpc import Caller, Replier
+from cuebx.scheduling import Job, Misfire, Overlap, Scheduler
 from cuebx.settings import Settings, check_seconds
 from cuebx.status import TaskStatus
 from cuebx.stores.base import Store, store_for_url
@@ -59,6 +60,22 @@ class TaskDecorator:
     def __call__(self, fn: Callable[P, R]) -> Task[P, R]: ...
     def __call__(self, fn: Callable[..., Any]) -> Task[Any, Any]:
         return self._app._register(fn, **self._options)
+
+
+class PeriodicDecorator:
+    """What ``@app.periodic(...)`` returns: registers the task, then its schedule."""
+
+    def __init__(self, app: Cuebx, schedule: dict[str, Any], options: dict[str, Any]) -> None:
+        self._app = app
+        self._schedule = schedule
+        self._options = options
+
+    @overload
+    def __call__(self, fn: Callable[[TaskContext], R]) -> Task[[], R]: ...
+    @overload
+    def __call__(self, fn: Callable[[], R]) -> Task[[], R]: ...
+    def __call__(self, fn: Callable[..., Any]) -> Task[Any, Any]:
+        return self._app._register_periodic(fn, self._schedule, self._options)
 
 
 class Cuebx:
@@ -163,6 +180,7 @@ class Cuebx:
         self._connected = False
         self._connect_lock = anyio.Lock()
         self._workers: list[Worker] = []
+        self._scheduler: Scheduler | None = None
 
     def __repr__(self) -> str:
         return f"<Cuebx {mask_url(self.settings.url)} tasks={list(self.tasks)}>"
@@ -262,6 +280,114 @@ class Cuebx:
         self.tasks[task_name] = task
         self._topology = None
         return task
+
+    # -- periodic tasks (cuebx.scheduling) --------------------------------------------------
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: Duration | None = None,
+        tz: str | None = None,
+        misfire: Misfire = "once",
+        overlap: Overlap = "allow",
+        overlap_timeout: Duration = "1h",
+        name: str | None = None,
+        **task_options: Any,
+    ) -> PeriodicDecorator:
+        """Register a task without arguments and run it on a schedule.
+
+        ``@app.periodic(cron="*/5 * * * *", tz="Europe/Paris")`` or ``@app.periodic(every=
+        "30s")``; the other keywords are those of `task` (``queue=``, ``retries=``...). The
+        job is named after the task. See `schedule` for the schedule options.
+
+        Raises:
+            ConfigurationError: an option is wrong, or the function takes arguments.
+        """
+        schedule = {
+            "cron": cron,
+            "every": every,
+            "tz": tz,
+            "misfire": misfire,
+            "overlap": overlap,
+            "overlap_timeout": overlap_timeout,
+        }
+        return PeriodicDecorator(self, schedule, {"name": name, **task_options})
+
+    def _register_periodic(
+        self, fn: Callable[..., Any], schedule: dict[str, Any], options: dict[str, Any]
+    ) -> Task[Any, Any]:
+        task = self._register(fn, **options)
+        try:
+            self.scheduler.add(task, **schedule)
+        except BaseException:
+            # Leave no task behind without its schedule.
+            del self.tasks[task.name]
+            self._topology = None
+            raise
+        return task
+
+    def schedule(
+        self,
+        task: Task[Any, Any],
+        *,
+        cron: str | None = None,
+        every: Duration | None = None,
+        tz: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        misfire: Misfire = "once",
+        overlap: Overlap = "allow",
+        overlap_timeout: Duration = "1h",
+        name: str | None = None,
+    ) -> Job:
+        """Publish a message for `task` on a schedule, from whichever worker is elected.
+
+        Args:
+            task: a task of this app.
+            cron: a cron expression: five fields (minute hour day-of-month month
+                day-of-week), or six with seconds first; ``@daily`` and the like.
+            every: an interval instead of `cron` (``"30s"``, ``"1h"``), counted from the
+                epoch: ``"1h"`` fires on the hour.
+            tz: the IANA time zone of `cron` (UTC by default); daylight saving time is
+                handled as cron does.
+            args: positional arguments of each message.
+            kwargs: keyword arguments of each message.
+            misfire: ``"once"`` runs one catch-up for slots missed while no scheduler ran;
+                ``"skip"`` runs none.
+            overlap: ``"allow"`` fires even while the previous run is going; ``"skip"``
+                skips a slot while it is.
+            overlap_timeout: with ``overlap="skip"``, how long a run that never reported its
+                end holds the job back.
+            name: the job's name (the task's name by default); unique per exchange.
+
+        Raises:
+            ConfigurationError: an option is wrong; the message names the job and the option.
+        """
+        if self.tasks.get(task.name) is not task:
+            raise ConfigurationError(
+                f"job {name or task.name!r}: {task!r} is not a task of this app"
+            )
+        return self.scheduler.add(
+            task,
+            cron=cron,
+            every=every,
+            tz=tz,
+            args=args,
+            kwargs=kwargs,
+            misfire=misfire,
+            overlap=overlap,
+            overlap_timeout=overlap_timeout,
+            name=name,
+        )
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The app's periodic jobs and the scheduler that fires them (a middleware)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self)
+            self.add_middleware(self._scheduler)
+        return self._scheduler
 
     def _plan(self, tasks: Iterable[Task[Any, Any]]) -> Topology:
         s = self.settings

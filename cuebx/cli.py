@@ -22,6 +22,8 @@ from cuebx.durations import to_seconds
 from cuebx.errors import AppNotFoundError, CuebxError
 from cuebx.ops import commands
 from cuebx.ops.logs import LogFormat, configure_logging
+from cuebx.scheduling import JobReport
+from cuebx.scheduling.schedules import slot_text
 from cuebx.worker import Worker
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ def main() -> None:
       cuebx topology diff -A myapp                compare it with the broker
       cuebx status -A myapp                       queue depths, tiers, dead letters
       cuebx dlq ls -A myapp                       dead letters by task and reason
+      cuebx schedule -A myapp                     list periodic jobs and their scheduler
       cuebx worker -h                             the worker's options
     """
 
@@ -109,6 +112,11 @@ def main() -> None:
 @click.option(
     "--metrics-host", default="127.0.0.1", show_default=True, help="Address to serve them on."
 )
+@click.option(
+    "--no-scheduler",
+    is_flag=True,
+    help="Do not take part in firing periodic jobs (their tasks still run here).",
+)
 def worker(
     app_path: str,
     queues: str | None,
@@ -118,6 +126,7 @@ def worker(
     log_format: LogFormat,
     metrics_port: int | None,
     metrics_host: str,
+    no_scheduler: bool,
 ) -> None:
     """Declare the topology and run tasks until SIGINT or SIGTERM.
 
@@ -126,6 +135,7 @@ def worker(
       cuebx worker -A myapp
       cuebx worker -A shop.tasks:app -Q emails,webhooks --prefetch 20
       cuebx worker -A shop.tasks -Q reports --prefetch 2 --shutdown-timeout 2m
+      cuebx worker -A shop.tasks --no-scheduler   run tasks, never fire periodic jobs
       CUEBX_BROKER_URL=amqp://app:secret@rabbitmq:5672/prod cuebx worker -A shop.tasks
       cuebx worker -A shop.tasks --metrics-port 9100 --log-format json
     """
@@ -138,6 +148,8 @@ def worker(
         )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     metrics = None if metrics_port is None else _metrics(app)
+    if no_scheduler:
+        app.scheduler.configure(enabled=False)
     try:
         seconds = (
             None
@@ -157,6 +169,8 @@ def worker(
 
         routes = worker_routes(built, metrics, app.topology())
         endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
+    if no_scheduler:
+        logger.info("scheduler: off (--no-scheduler)")
     try:
         anyio.run(_run_worker, app, built, endpoints, backend_options=_backend_options())
     except (CuebxError, OSError, BaseExceptionGroup) as exc:
@@ -289,3 +303,59 @@ def topology(context: click.Context, app_path: str | None) -> None:
 main.add_command(commands.dlq)
 main.add_command(commands.status_command)
 topology.add_command(commands.diff)
+
+
+@main.command()
+@_app_option
+def schedule(app_path: str) -> None:
+    """List the periodic jobs: schedule, last and next fire, the active scheduler.
+
+    Reads what the active scheduler last published on the broker, without taking part in
+    the election or touching the state it holds.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    app = load_app(app_path)
+    if not app.scheduler.jobs:
+        click.echo(f"{app_path}: no periodic jobs (use @app.periodic or app.schedule)")
+        return
+    try:
+        reports = anyio.run(_report, app, backend_options=_backend_options())
+    except CuebxError as exc:
+        raise click.ClickException(str(exc)) from None
+    table = Table(title=f"periodic jobs on exchange {app.settings.exchange!r}")
+    for column in ("job", "task (queue)", "schedule", "last fire", "next fire", "scheduler"):
+        table.add_column(column, overflow="fold")
+    for r in reports:
+        table.add_row(
+            r.job,
+            f"{r.task} ({r.queue})",
+            r.schedule,
+            _when(r.last),
+            _when(r.next),
+            _who(r),
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+async def _report(app: Cuebx) -> list[JobReport]:
+    try:
+        return await app.scheduler.report()
+    finally:
+        await app.close()
+
+
+def _when(slot: int | None) -> str:
+    return "-" if slot is None else slot_text(slot)
+
+
+def _who(report: JobReport) -> str:
+    if report.leader is not None:
+        return f"{report.leader} ({report.reported:.0f}s ago)"
+    if report.previous_leader:
+        return f"none active (last: {report.previous_leader}, {report.reported:.0f}s ago)"
+    return "none yet"

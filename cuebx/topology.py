@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 QueueType = Literal["classic", "quorum"]
-QueueRole = Literal["main", "retry", "dead-letter"]
+QueueRole = Literal["main", "retry", "dead-letter", "scheduler"]
 
 
 def retry_queue_name(queue: str, delay_ms: int) -> str:

@@ -64,21 +64,38 @@ class RabbitNode:
             "RABBITMQ_LOG_BASE": str(base / "log"),
             "RABBITMQ_PID_FILE": str(base / "pid"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "plugins"),
+            # Erlang terms for settings node.conf cannot hold (channel_tick_interval).
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
         }
 
     @classmethod
-    def start(cls, name: str, *, port: int, base: Path, timeout: float = 60) -> RabbitNode:
-        """Start a new node (a fresh one if `base` is empty) and wait until it answers."""
+    def start(
+        cls,
+        name: str,
+        *,
+        port: int,
+        base: Path,
+        timeout: float = 60,
+        config: str = "",
+        advanced: str = "[].\n",
+    ) -> RabbitNode:
+        """Start a new node (a fresh one if `base` is empty) and wait until it answers.
+
+        `config` adds lines to its node.conf (``consumer_timeout = 2000``), `advanced` is its
+        advanced.config.
+        """
         base.mkdir(parents=True, exist_ok=True)
         base.chmod(0o777)  # the server runs as the rabbitmq user
-        config = base / "node.conf"
-        config.write_text(
+        conf = base / "node.conf"
+        conf.write_text(
             f"listeners.tcp.local = 127.0.0.1:{port}\n"
             "loopback_users = none\n"
             # Small disk limit: a test machine may have little free space.
-            "disk_free_limit.absolute = 50MB\n"
+            "disk_free_limit.absolute = 50MB\n" + config
         )
-        config.chmod(0o644)
+        conf.chmod(0o644)
+        (base / "advanced.config").write_text(advanced)
+        (base / "advanced.config").chmod(0o644)
         node = cls(name, port, base)
         node.boot(timeout=timeout)
         return node

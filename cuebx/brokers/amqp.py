@@ -184,6 +184,11 @@ class _AmqpDelivery:
         return self._props.timestamp
 
     @property
+    def channel_open(self) -> bool:
+        # aio-pika reopens a lost channel as a new aiormq channel: this one stays closed.
+        return not self._channel.is_closed
+
+    @property
     def reply_to(self) -> str | None:
         return self._props.reply_to
 

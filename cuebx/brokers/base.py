@@ -61,6 +61,13 @@ class Delivery(Protocol):
     @property
     def redelivered(self) -> bool: ...
     @property
+    def channel_open(self) -> bool:
+        """False once the channel that delivered it closed: the broker put the message back
+        in its queue, and settling it does nothing. Lets code that holds a delivery for long
+        (a scheduler's state message) learn that it no longer holds it."""
+        ...
+
+    @property
     def reply_to(self) -> str | None:
         """Where the publisher waits for a reply (direct reply-to), if anywhere."""
 

@@ -138,6 +138,26 @@ def test_the_celery_migration_example_runs_on_its_own() -> None:
     assert "dead letter in orders.dlq: rejected {'order_id': -1}" in result.stdout
 
 
+def test_the_periodic_example_runs_a_day_of_jobs_on_the_memory_clock(
+    examples_on_path: None,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CUEBX_BROKER_URL"}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "periodic.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "cleanup: 288 runs" in lines  # every 5 minutes
+    assert "ping: 2880 runs" in lines  # every 30 seconds
+    assert "rebuild_search_index: 24 runs" in lines
+    assert "daily: 1 runs" in lines
+
+
 def test_the_notifications_example_reports_pending_then_sent_or_failed(
     rabbitmq_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -32,7 +32,7 @@ __all__ = ["MemoryBroker"]
 
 logger = logging.getLogger("cuebx.memory")
 
-DeathReason = Literal["expired", "rejected", "delivery_limit"]
+DeathReason = Literal["expired", "rejected", "delivery_limit", "maxlen"]
 
 #: RabbitMQ's direct reply-to pseudo-queue, and the prefix of the addresses it hands out.
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
@@ -108,6 +108,8 @@ class MemoryBroker:
         self._seq = itertools.count()
         self._pushes = itertools.count()
         self._tags = itertools.count(1)
+        # Handler calls started or about to start: while any runs, the broker is not idle.
+        self._calls = 0
         # Direct reply-to: this connection's reply consumer, as (address, handlers).
         self._replies: tuple[str, ReplyHandler, LostHandler] | None = None
         self._reply_addresses = itertools.count(1)
@@ -346,10 +348,22 @@ class MemoryBroker:
         self._dispatch(queue)
 
     def _make_ready(self, entry: Entry) -> None:
-        """Put an entry in its queue, keeping its original place and expiry time."""
-        if entry.queue.deleted:
+        """Put an entry in its queue, keeping its original place and expiry time.
+
+        Past ``x-max-length`` the oldest ready message is dropped (dead-lettered as
+        ``maxlen`` when the queue has a dead-letter exchange), as RabbitMQ's drop-head does.
+        """
+        queue = entry.queue
+        if queue.deleted:
             return
-        entry.queue.push(entry)
+        queue.push(entry)
+        while queue.max_length is not None and queue.ready > queue.max_length:
+            head = queue.pop()
+            if head is None:
+                break
+            self._dead_letter(head, "maxlen")
+        if not entry.ready:
+            return  # it was the head dropped just now
         if entry.expires_ns is None:
             return
         earliest = self._next_expiry_ns()
@@ -401,14 +415,14 @@ class MemoryBroker:
     def _deliver(self, consumer: Consumer, entry: Entry) -> None:
         delivery = MemoryDelivery(consumer, entry, next(self._tags))
         consumer.unacked[delivery.delivery_tag] = delivery
+        self._calls += 1
         self._host.start_soon(self._handle, consumer, delivery, context=consumer.context)
 
     async def _handle(self, consumer: Consumer, delivery: MemoryDelivery) -> None:
         """Run the consumer's handler for one delivery."""
-        if delivery.outcome is not None:
-            return  # the consumer's channel closed before this task started
         try:
-            await consumer.handler(delivery)
+            if delivery.outcome is None:  # else its channel closed before this task started
+                await consumer.handler(delivery)
         except Exception:
             logger.exception(
                 "the handler of consumer %s raised on delivery %s of message %s from "
@@ -418,9 +432,16 @@ class MemoryBroker:
                 delivery.message_id,
                 delivery.queue,
             )
+        finally:
+            self._calls -= 1
+            # A handler may return holding its delivery (a scheduler's state message):
+            # the broker can be idle again, which an auto clock waits for.
+            self.clock._touched()
 
     def _cancel(self, consumer: Consumer) -> None:
         self._stop_consumer(consumer)
+        # On a single-active-consumer queue the next consumer takes over at once.
+        self._dispatch(consumer.queue)
 
     def _close_consumer(self, consumer: Consumer) -> None:
         self._detach(consumer)
@@ -444,6 +465,7 @@ class MemoryBroker:
 
     def _detach(self, consumer: Consumer) -> None:
         """Stop a consumer: its channel closes."""
+        consumer.closed = True
         self._stop_consumer(consumer)
 
     def _return_unacked(self, consumer: Consumer) -> None:
@@ -637,12 +659,15 @@ class MemoryBroker:
     def is_idle(self) -> bool:
         """Tell whether nothing happens until time moves or someone publishes.
 
-        True when no delivery is unacked and no consumed queue has ready messages. Messages
-        waiting out a TTL, or sitting in a queue nobody consumes (a dead-letter queue), do
-        not count: see `next_expiry` for the former.
+        True when no handler call runs or waits to start and no consumed queue has ready
+        messages. Messages waiting out a TTL, or sitting in a queue
+        nobody consumes (a dead-letter queue), do not count: see `next_expiry` for the
+        former. Neither does a delivery whose handler returned without settling it (a
+        scheduler holds its state message so while it leads): nothing happens to it until
+        time moves.
         """
         self._fire_due()
-        if any(consumer.unacked for consumer in self._consumers):
+        if self._calls:
             return False
         return not any(queue.ready and queue.consumers for queue in self._queues.values())
 
@@ -746,6 +771,8 @@ _VALID: Final[Mapping[str, Callable[[Any], bool]]] = {
     "x-dead-letter-exchange": lambda v: isinstance(v, str),
     "x-dead-letter-routing-key": lambda v: isinstance(v, str),
     "x-queue-type": lambda v: v in ("classic", "quorum"),
+    "x-max-length": _is_count,
+    "x-single-active-consumer": lambda v: isinstance(v, bool),
 }
 
 
