@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
@@ -17,6 +18,7 @@ from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
 from cuebx.errors import CuebxError
+from cuebx.supervisor import Supervisor, parse_processes
 from cuebx.worker import Worker
 
 __all__ = ["load_app", "main", "one_line_error"]
@@ -107,6 +109,24 @@ def main() -> None:
 @click.option("--prefetch", type=click.IntRange(min=1), help="Prefetch for every queue.")
 @click.option("--shutdown-timeout", help="How long running handlers may finish on stop: 30s.")
 @click.option(
+    "--processes",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Worker processes, each with its own connection; auto: one per CPU.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Replace a worker process after it ran N tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    metavar="SIZE",
+    help="Replace a worker process whose memory is above SIZE: 512MiB, 2GB.",
+)
+@click.option(
     "-l",
     "--log-level",
     "--loglevel",
@@ -122,6 +142,9 @@ def worker(
     queues: str | None,
     prefetch: int | None,
     shutdown_timeout: str | None,
+    processes: str,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: str | None,
     log_level: str,
 ) -> None:
     """Declare the topology and run tasks until SIGINT or SIGTERM.
@@ -131,6 +154,7 @@ def worker(
       cuebx worker -A myapp
       cuebx worker -A shop.tasks:app -Q emails,webhooks --prefetch 20
       cuebx worker -A shop.tasks -Q reports --prefetch 2 --shutdown-timeout 2m
+      cuebx worker -A shop.tasks --processes auto --max-tasks-per-child 1000
       CUEBX_BROKER_URL=amqp://app:secret@rabbitmq:5672/prod cuebx worker -A shop.tasks
     """
     logging.basicConfig(
@@ -154,15 +178,65 @@ def worker(
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
     except (LookupError, ValueError, BaseExceptionGroup) as exc:
         raise _click_error(exc, (LookupError, ValueError)) from None
-    logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
+    urls = ", ".join(mask_url(url) for url in app.settings.urls)
+    logger.info("cuebx worker for %s on %s", app_path, urls)
     for queue in built.queues:
         logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
+    try:
+        supervisor = _supervisor(
+            app_path,
+            built,
+            processes=processes,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
+            log_level=log_level.upper(),
+            prefetch=prefetch,
+            publish_timeout=app.settings.publish_timeout,
+        )
+    except CuebxError as exc:
+        raise click.ClickException(str(exc)) from None
+    if supervisor is not None:
+        raise SystemExit(anyio.run(supervisor.run, backend_options=_backend_options()))
     try:
         anyio.run(_run_worker, app, built, backend_options=_backend_options())
     except (CuebxError, BaseExceptionGroup) as exc:
         # A task group wraps what failed inside it (a consumer the broker refused) in an
         # exception group, nested once per task group it went through.
         raise _click_error(exc, CuebxError) from None
+
+
+def _supervisor(
+    app_path: str,
+    worker: Worker,
+    *,
+    processes: str,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: str | None,
+    log_level: str,
+    prefetch: int | None,
+    publish_timeout: float,
+) -> Supervisor | None:
+    """The supervisor of ``--processes N``, or None for today's single process.
+
+    One process without a per-child limit runs in this process, as before; anything else runs
+    in supervised worker processes (a limit needs a supervisor to start the replacement).
+    """
+    count = parse_processes(processes)
+    if count == 1 and max_tasks_per_child is None and max_memory_per_child is None:
+        return None
+    return Supervisor(
+        functools.partial(load_app, app_path),
+        processes=count,
+        queues=worker.queue_names,
+        prefetch=prefetch,
+        shutdown_timeout=worker.shutdown_timeout,
+        # Time for the last retry and dead-letter copies to be confirmed, and to close.
+        stop_grace=publish_timeout + 10,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=max_memory_per_child,
+        log_level=log_level,
+        backend_options=_backend_options(),
+    )
 
 
 def _click_error(
