@@ -55,6 +55,24 @@ def _not_a_refused_connection(record: logging.LogRecord) -> bool:
 
 logging.getLogger("aiormq.connection").addFilter(_not_a_refused_connection)
 
+
+def _not_a_channel_restored_too_early(record: logging.LogRecord) -> bool:
+    """When a connection is lost, each robust channel's close callback tries to reopen it on
+    the connection that is gone, fails, and aio-pika logs that as an error; the connection
+    reopens every channel once it is back, and cuebx reports the loss itself."""
+    args = record.args
+    return not (
+        record.msg == "Callback %r error: %s: %s"
+        and isinstance(args, tuple)
+        and len(args) == 3
+        and args[1] == "RuntimeError"
+        and "RobustChannel._on_close" in repr(args[0])
+        and str(args[2]).endswith(" closed")
+    )
+
+
+logging.getLogger("aio_pika.tools").addFilter(_not_a_channel_restored_too_early)
+
 _PERSISTENT = 2
 _LOST_CHANNEL = (
     aiormq.exceptions.ChannelInvalidStateError,
@@ -370,23 +388,37 @@ class _FailoverConnection(aio_pika.RobustConnection):
         await super()._on_connected()
         self._up = True
         if self.connection_attempt > 1:  # aio-pika has counted this attempt already
-            logger.info("reconnected to RabbitMQ at %s", self)
+            logger.info("reconnected to RabbitMQ at %s", mask_url(self.node_url))
 
     async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
-        if len(self.nodes) > 1 and not (self._close_called or self.is_closed):
-            self.node = self._next
-            self._next = (self.node + 1) % len(self.nodes)
-            self.url = make_url(self.nodes[self._next])
-            what = "lost the connection to" if self._up else "cannot connect to"
-            logger.warning(
-                "%s RabbitMQ at %s (%s): trying %s next",
-                what,
-                self,
-                _closing_reason(closing),
-                mask_url(self.nodes[self._next]),
-            )
+        # Not before the first connection: `AmqpBroker._open` tries the nodes and reports.
+        if self.connection_attempt and not (self._close_called or self.is_closed):
+            self._move_on(closing)
         self._up = False
         await super()._on_connection_close(closing)
+
+    def _move_on(self, closing: asyncio.Future[Any]) -> None:
+        """Point the next attempt at the next node, and say what happened to this one."""
+        self.node = self._next
+        # Log the URL as a string: the connection's own text changes with the next attempt.
+        here = mask_url(self.node_url)
+        if len(self.nodes) == 1:
+            if self._up:  # a failed attempt: aio-pika's own warning says so
+                logger.warning(
+                    "lost the connection to RabbitMQ at %s (%s): reconnecting",
+                    here,
+                    _closing_reason(closing),
+                )
+            return
+        self._next = (self.node + 1) % len(self.nodes)
+        self.url = make_url(self.nodes[self._next])
+        logger.warning(
+            "%s RabbitMQ at %s (%s): trying %s next",
+            "lost the connection to" if self._up else "cannot connect to",
+            here,
+            _closing_reason(closing),
+            mask_url(self.nodes[self._next]),
+        )
 
 
 def _closing_reason(closing: asyncio.Future[Any]) -> str:
@@ -477,7 +509,9 @@ class AmqpBroker:
                     failures.append((url, exc))
                     continue
                 if failures:
-                    logger.warning("connected to RabbitMQ at %s; %s", connection, _failed(failures))
+                    logger.warning(
+                        "connected to RabbitMQ at %s; %s", mask_url(url), _failed(failures)
+                    )
                 return connection
         if len(failures) < len(self.urls):  # the overall deadline struck mid-attempt
             failures.append((self.urls[len(failures)], TimeoutError("timed out")))

@@ -1,8 +1,8 @@
 """``cuebx worker --processes N``: real worker processes on the real broker, nothing mocked.
 
-Each test starts ``cuebx worker`` as a subprocess on `scaleout_app`, whose handlers write a
-ledger line per start and end with their process id. The supervisor's log lines say which
-worker process is which (``worker-1 (pid 1234) ready``).
+Each test starts ``cuebx worker`` as a subprocess on `scaleout_app` (see `WorkerRun`), whose
+handlers write a ledger line per start and end with their process id. The supervisor's log
+lines say which worker process is which (``worker-1 (pid 1234) ready``).
 """
 
 from __future__ import annotations
@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -24,77 +22,14 @@ from cuebx import Cuebx
 from cuebx.supervisor import Supervisor
 from tests.conftest import AppFactory, Raw, wait_for
 from tests.integration import scaleout_app
+from tests.integration.scaleout import WorkerRun
 
 pytestmark = [pytest.mark.anyio]
 
-ROOT = Path(__file__).parents[2]
-READY = re.compile(r"worker-(\d+) \(pid (\d+)\) ready")
-
-
-class Run:
-    """One ``cuebx worker`` subprocess on `scaleout_app`: its ledger and its log."""
-
-    def __init__(self, tmp_path: Path, queue: str, url: str) -> None:
-        self.ledger = tmp_path / "ledger.txt"
-        self.log = tmp_path / "worker.log"
-        self.env = {
-            **os.environ,
-            "CUEBX_BROKER_URL": url,
-            "TEST_QUEUE": queue,
-            "TEST_LEDGER": str(self.ledger),
-            "PYTHONPATH": str(ROOT),
-        }
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, *args: str, **env: str) -> subprocess.Popen[bytes]:
-        argv = [sys.executable, "-m", "cuebx", "worker", "-A", "tests.integration.scaleout_app"]
-        with self.log.open("w") as log:
-            self.process = subprocess.Popen(
-                [*argv, *args], cwd=ROOT, stdout=log, stderr=log, env={**self.env, **env}
-            )
-        return self.process
-
-    def text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
-
-    def rows(self, event: str) -> list[list[str]]:
-        if not self.ledger.exists():
-            return []
-        rows = [line.split() for line in self.ledger.read_text().splitlines()]
-        return [row for row in rows if row and row[0] == event]
-
-    def done(self) -> set[str]:
-        return {row[2] for row in self.rows("done")}
-
-    def ready(self) -> dict[int, list[int]]:
-        """The pids each slot reported ready, in order."""
-        found: dict[int, list[int]] = {}
-        for slot, pid in READY.findall(self.text()):
-            found.setdefault(int(slot), []).append(int(pid))
-        return found
-
-    async def wait_ready(self, processes: int) -> None:
-        await wait_for(
-            lambda: f"all {processes} worker processes ready" in self.text(),
-            timeout=30,
-            what=f"{processes} worker processes ready:\n{self.text()}",
-        )
-
-    async def exit_code(self, timeout: float) -> int:
-        process = self.process
-        assert process is not None
-        await wait_for(lambda: process.poll() is not None, timeout=timeout, what="worker exit")
-        return process.returncode
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()  # the supervisor only: its children stop once the pipe closes
-            self.process.wait(10)
-
 
 @pytest.fixture
-def run(tmp_path: Path, prefix: str, rabbitmq_url: str) -> Iterator[Run]:
-    started = Run(tmp_path, f"{prefix}.work", rabbitmq_url)
+def run(tmp_path: Path, prefix: str, rabbitmq_url: str) -> Iterator[WorkerRun]:
+    started = WorkerRun(tmp_path, f"{prefix}.work", rabbitmq_url)
     try:
         yield started
     finally:
@@ -111,7 +46,7 @@ def producer(make_rabbit_app: AppFactory, prefix: str) -> Cuebx:
 
 
 async def test_two_processes_share_a_thousand_tasks_between_both_children(
-    run: Run, producer: Cuebx
+    run: WorkerRun, producer: Cuebx
 ) -> None:
     process = run.start("--processes", "2", "--prefetch", "20")
     await run.wait_ready(2)
@@ -129,7 +64,9 @@ async def test_two_processes_share_a_thousand_tasks_between_both_children(
     assert await run.exit_code(30) == 0, run.text()
 
 
-async def test_a_sigkilled_child_loses_nothing_and_is_restarted(run: Run, producer: Cuebx) -> None:
+async def test_a_sigkilled_child_loses_nothing_and_is_restarted(
+    run: WorkerRun, producer: Cuebx
+) -> None:
     run.start("--processes", "2", "--prefetch", "5")
     await run.wait_ready(2)
     handles = await producer.tasks["ledger"].map([(n, 0.05) for n in range(300)])
@@ -141,9 +78,7 @@ async def test_a_sigkilled_child_loses_nothing_and_is_restarted(run: Run, produc
     }
     assert running, "the child had no task in hand when it was killed"
 
-    await wait_for(
-        lambda: len(run.ready()[slot]) == 2, timeout=30, what=f"worker-{slot} restarted"
-    )
+    await wait_for(lambda: len(run.ready()[slot]) == 2, timeout=30, what=f"worker-{slot} restarted")
     assert f"worker-{slot} (pid {victim}) was killed by SIGKILL; restarting it in" in run.text()
     expected = {h.id for h in handles}
     await wait_for(lambda: run.done() >= expected, timeout=60, what="every task done")
@@ -154,7 +89,7 @@ async def test_a_sigkilled_child_loses_nothing_and_is_restarted(run: Run, produc
 
 
 async def test_sigterm_drains_both_children_and_exits_zero_within_the_timeout(
-    run: Run, producer: Cuebx, amqp: Raw, prefix: str
+    run: WorkerRun, producer: Cuebx, amqp: Raw, prefix: str
 ) -> None:
     process = run.start("--processes", "2", "--prefetch", "2", "--shutdown-timeout", "10s")
     await run.wait_ready(2)
@@ -171,7 +106,7 @@ async def test_sigterm_drains_both_children_and_exits_zero_within_the_timeout(
 
 
 async def test_a_second_signal_stops_every_child_at_once_and_requeues(
-    run: Run, producer: Cuebx, amqp: Raw, prefix: str
+    run: WorkerRun, producer: Cuebx, amqp: Raw, prefix: str
 ) -> None:
     process = run.start("--processes", "2", "--prefetch", "2", "--shutdown-timeout", "60s")
     await run.wait_ready(2)
@@ -192,7 +127,7 @@ async def test_a_second_signal_stops_every_child_at_once_and_requeues(
 
 
 async def test_a_child_over_max_tasks_per_child_is_replaced_without_losing_a_task(
-    run: Run, producer: Cuebx
+    run: WorkerRun, producer: Cuebx
 ) -> None:
     process = run.start("--processes", "1", "--prefetch", "2", "--max-tasks-per-child", "20")
     await run.wait_ready(1)
@@ -214,20 +149,24 @@ async def test_a_child_over_max_tasks_per_child_is_replaced_without_losing_a_tas
     assert await run.exit_code(30) == 0, text
 
 
-async def test_a_child_over_max_memory_per_child_is_replaced(run: Run, producer: Cuebx) -> None:
+async def test_a_child_over_max_memory_per_child_is_replaced(
+    run: WorkerRun, producer: Cuebx
+) -> None:
     process = run.start("--max-memory-per-child", "200MiB")
     await run.wait_ready(1)
     await producer.tasks["hog"].delay(250)
     await wait_for(lambda: len(run.ready().get(1, [])) == 2, timeout=30, what="a replacement")
     first, second = run.ready()[1]
-    text = run.text()
-    assert re.search(rf"worker-1 \(pid {first}\) uses \d+MiB of memory, over 200MiB", text)
+    assert re.search(rf"worker-1 \(pid {first}\) uses \d+MiB of memory, over 200MiB", run.text())
     await wait_for(lambda: f"worker-1 (pid {first}) stopped" in run.text(), what="old one stops")
+    assert f"worker-1 (pid {second}) replaces worker-1 (pid {first})" in run.text()
     process.send_signal(signal.SIGTERM)
     assert await run.exit_code(30) == 0, run.text()
 
 
-async def test_a_crash_loop_ends_in_a_non_zero_exit_that_names_the_exit_code(run: Run) -> None:
+async def test_a_crash_loop_ends_in_a_non_zero_exit_that_names_the_exit_code(
+    run: WorkerRun,
+) -> None:
     run.start("--processes", "2", TEST_CRASH_ON_IMPORT="1")
     assert await run.exit_code(45) == 1, run.text()
     text = run.text()
