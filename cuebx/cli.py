@@ -18,7 +18,7 @@ from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
 from cuebx.errors import CuebxError
-from cuebx.supervisor import Supervisor, parse_processes
+from cuebx.supervisor import Supervisor, parse_processes, parse_size
 from cuebx.worker import Worker
 
 __all__ = ["load_app", "main", "one_line_error"]
@@ -221,9 +221,14 @@ def _supervisor(
     One process without a per-child limit runs in this process, as before; anything else runs
     in supervised worker processes (a limit needs a supervisor to start the replacement).
     """
-    count = parse_processes(processes)
+    count = parse_processes(processes, "--processes")
     if count == 1 and max_tasks_per_child is None and max_memory_per_child is None:
         return None
+    memory = (
+        None
+        if max_memory_per_child is None
+        else parse_size(max_memory_per_child, "--max-memory-per-child")
+    )
     return Supervisor(
         functools.partial(load_app, app_path),
         processes=count,
@@ -233,7 +238,7 @@ def _supervisor(
         # Time for the last retry and dead-letter copies to be confirmed, and to close.
         stop_grace=publish_timeout + 10,
         max_tasks_per_child=max_tasks_per_child,
-        max_memory_per_child=max_memory_per_child,
+        max_memory_per_child=memory,
         log_level=log_level,
         backend_options=_backend_options(),
     )

@@ -260,11 +260,11 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def parse_processes(value: str | int) -> int:
+def parse_processes(value: str | int, what: str = "processes") -> int:
     """Read ``--processes``: a whole number above zero, or ``auto`` for one per CPU.
 
     Raises:
-        ConfigurationError: anything else.
+        ConfigurationError: anything else; the message names `what`.
     """
     if isinstance(value, str) and value.strip().lower() == "auto":
         return cpu_count()
@@ -274,7 +274,7 @@ def parse_processes(value: str | int) -> int:
         number = 0
     if number < 1:
         raise ConfigurationError(
-            f"processes: expected a whole number above zero or 'auto', got {value!r}"
+            f"{what}: expected a whole number above zero or 'auto', got {value!r}"
         )
     return number
 
