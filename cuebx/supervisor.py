@@ -303,6 +303,10 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1024**2:.0f}MiB"
 
 
+def _processes(count: int) -> str:
+    return f"{count} worker process" if count == 1 else f"{count} worker processes"
+
+
 # -- the worker process -----------------------------------------------------------------------
 
 
@@ -673,7 +677,7 @@ class Supervisor:
             if handle_signals:
                 group.start_soon(self._relay_signals)
             group.start_soon(self._watch_heartbeats)
-            logger.info("starting %d worker processes", self.processes)
+            logger.info("starting %s", _processes(self.processes))
             for slot in self._slots:
                 self._spawn(slot)
             if self.stopping:  # asked before it ran
@@ -785,7 +789,7 @@ class Supervisor:
         ):
             self._all_ready_once = True
             self._status = "running"
-            logger.info("all %d worker processes ready", self.processes)
+            logger.info("all %s ready", _processes(self.processes))
 
     def _on_recycle(self, child: _Child, reason: str) -> None:
         if self.stopping or child.state != "ready" or self._slots[child.slot] is not child:
@@ -898,9 +902,8 @@ class Supervisor:
                     self._stop_all(immediate=True)
                 else:
                     logger.info(
-                        "%s: stopping %d worker processes; they finish running tasks (send it "
-                        "again to stop now)",
+                        "%s: stopping %s; they finish running tasks (send it again to stop now)",
                         name,
-                        len(self._children),
+                        _processes(len(self._children)),
                     )
                     self._stop_all(immediate=False)

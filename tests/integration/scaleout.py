@@ -60,7 +60,9 @@ class WorkerRun:
 
     async def wait_ready(self, processes: int) -> None:
         await wait_for(
-            lambda: f"all {processes} worker processes ready" in self.text(),
+            lambda: (
+                re.search(rf"all {processes} worker process(es)? ready", self.text()) is not None
+            ),
             timeout=30,
             what=f"{processes} worker processes ready:\n{self.text()}",
         )

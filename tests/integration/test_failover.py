@@ -82,6 +82,7 @@ async def test_a_lost_connection_moves_to_the_next_url_round_robin(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     owner = make_rabbit_app()  # declares the queue on the broker and deletes it afterwards
+    # At least once: an ack lost with a connection brings its message back a second time.
     handled: list[int] = []
 
     @owner.task(queue=f"{prefix}.q")
@@ -106,7 +107,7 @@ async def test_a_lost_connection_moves_to_the_next_url_round_robin(
         proxies[0].cut()
         await wait_for(lambda: broker.node_url == urls[1], what="a connection to node 2")
         await app.tasks["job"].delay(1)
-        await wait_for(lambda: handled == [0, 1], what="a task through node 2")
+        await wait_for(lambda: 1 in handled, what="a task through node 2")
 
         # Node 2 goes too, node 3 refuses, node 1 is back: 3 is tried before 1.
         proxies[0].accepting = True
@@ -115,7 +116,7 @@ async def test_a_lost_connection_moves_to_the_next_url_round_robin(
         proxies[1].cut()
         await wait_for(lambda: broker.node_url == urls[0], timeout=15, what="back to node 1")
         await app.tasks["job"].delay(2)
-        await wait_for(lambda: handled == [0, 1, 2], what="a task through node 1 again")
+        await wait_for(lambda: 2 in handled, what="a task through node 1 again")
     finally:
         await worker.stop()
         await app.close()

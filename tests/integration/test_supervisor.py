@@ -59,7 +59,7 @@ async def test_two_processes_share_a_thousand_tasks_between_both_children(
     assert set(by_pid) == children, run.text()  # every task ran in a child, none elsewhere
     assert str(process.pid) not in by_pid
     assert len(children) == 2
-    assert min(by_pid.values()) >= 200, by_pid  # both took a real share
+    assert min(by_pid.values()) >= 100, by_pid  # both took a real share
     process.send_signal(signal.SIGTERM)
     assert await run.exit_code(30) == 0, run.text()
 
