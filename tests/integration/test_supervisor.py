@@ -231,3 +231,23 @@ async def test_the_supervisor_reports_the_health_of_every_child(
         "stale": [],
         "children": [],
     }
+
+
+async def test_worker_processes_whose_supervisor_was_killed_stop_by_themselves(
+    run: WorkerRun,
+) -> None:
+    process = run.start("--processes", "2")
+    await run.wait_ready(2)
+    children = [pids[0] for pids in run.ready().values()]
+    process.kill()  # SIGKILL: the supervisor cannot tell anyone anything
+    process.wait(10)
+
+    def gone(pid: int) -> bool:
+        try:
+            state = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return True
+        return "State:\tZ" in state  # exited, waiting to be reaped by init
+
+    await wait_for(lambda: all(gone(pid) for pid in children), timeout=15, what="children gone")
+    assert run.text().count("the supervisor is gone: stopping") == 2
