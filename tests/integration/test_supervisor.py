@@ -69,8 +69,9 @@ async def test_a_sigkilled_child_loses_nothing_and_is_restarted(
 ) -> None:
     run.start("--processes", "2", "--prefetch", "5")
     await run.wait_ready(2)
-    handles = await producer.tasks["ledger"].map([(n, 0.05) for n in range(300)])
-    await wait_for(lambda: len(run.done()) >= 60, timeout=30, what="60 tasks done")
+    # 0.2 s per task, 5 at a time per process: each always has tasks in hand for a few seconds.
+    handles = await producer.tasks["ledger"].map([(n, 0.2) for n in range(200)])
+    await wait_for(lambda: len(run.done()) >= 20, timeout=30, what="20 tasks done")
     slot, [victim] = next(iter(run.ready().items()))
     os.kill(victim, signal.SIGKILL)
     running = {r[2] for r in run.rows("start") if r[1] == str(victim)} - {
