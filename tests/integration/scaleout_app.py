@@ -49,6 +49,14 @@ async def ledger(ctx: TaskContext, n: int, pause: float = 0.0) -> None:
 
 
 @app.task(queue=QUEUE)
+async def block(ctx: TaskContext, seconds: float) -> None:
+    """Hold the event loop (a sync call in an async handler): no heartbeat, no stop."""
+    _write("start", ctx, 0)
+    time.sleep(seconds)  # noqa: ASYNC251 - blocking the loop is the point
+    _write("done", ctx, 0)
+
+
+@app.task(queue=QUEUE)
 async def hog(ctx: TaskContext, megabytes: int) -> None:
     """Keep `megabytes` of memory for the life of the process (written, so resident)."""
     _hoard.append(b"\x01" * (megabytes * 1024 * 1024))

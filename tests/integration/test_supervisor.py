@@ -252,3 +252,69 @@ async def test_worker_processes_whose_supervisor_was_killed_stop_by_themselves(
 
     await wait_for(lambda: all(gone(pid) for pid in children), timeout=15, what="children gone")
     assert run.text().count("the supervisor is gone: stopping") == 2
+
+
+async def test_sigterm_to_every_process_at_once_is_still_one_graceful_stop(
+    run: WorkerRun, producer: Cuebx, amqp: Raw, prefix: str
+) -> None:
+    # What systemd's default KillMode does: SIGTERM to the supervisor and to each child.
+    process = run.start("--processes", "2", "--prefetch", "1", "--shutdown-timeout", "20s")
+    await run.wait_ready(2)
+    await producer.tasks["ledger"].map([(n, 1.5) for n in range(4)])
+    await wait_for(lambda: len(run.rows("start")) == 2, what="2 tasks running")
+    for pid in [process.pid, *(pids[0] for pids in run.ready().values())]:
+        os.kill(pid, signal.SIGTERM)
+    assert await run.exit_code(30) == 0, run.text()
+    assert len(run.done()) == 2  # both running tasks finished: nobody stopped "now"
+    assert "again: stopping" not in run.text()
+    assert await amqp.count(f"{prefix}.work") == 2
+
+
+async def test_an_unreachable_broker_ends_in_a_non_zero_exit_naming_the_url(
+    run: WorkerRun,
+) -> None:
+    # One process with a limit still runs under a supervisor.
+    url = "amqp://guest:secret@127.0.0.1:1/"
+    run.start("--max-tasks-per-child", "10", CUEBX_BROKER_URL=url)
+    assert await run.exit_code(45) == 1, run.text()
+    text = run.text()
+    assert "cannot connect to RabbitMQ at amqp://guest:***@127.0.0.1:1/" in text
+    assert "worker-1 exited before it was ready 3 times in a row: giving up" in text
+    assert "secret" not in text
+
+
+async def test_a_worker_process_that_does_not_stop_in_time_is_killed_and_the_exit_is_1(
+    producer: Cuebx,
+    prefix: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    rabbitmq_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("CUEBX_BROKER_URL", rabbitmq_url)
+    monkeypatch.setenv("TEST_QUEUE", f"{prefix}.work")
+    monkeypatch.setenv("TEST_LEDGER", str(tmp_path / "ledger.txt"))
+    supervisor = Supervisor(
+        scaleout_app.make_app,
+        shutdown_timeout=0.5,
+        stop_grace=0.5,
+        heartbeat_interval=0.2,
+    )
+    codes: list[int] = []
+
+    async def supervise() -> None:
+        codes.append(await supervisor.run(handle_signals=False))
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(supervise)
+        await wait_for(lambda: supervisor.health()["ready"], timeout=30, what="ready")
+        await producer.tasks["block"].delay(30.0)
+        await wait_for(
+            lambda: supervisor.health()["stale"] == ["worker-1"], timeout=10, what="stale"
+        )
+        supervisor.request_stop()
+    assert codes == [1]
+    assert "worker-1 (pid" in caplog.text
+    assert "sent no heartbeat for" in caplog.text
+    assert "did not stop within 1s of being told to: killing it" in caplog.text
+    assert "was killed by SIGKILL while stopping" in caplog.text
