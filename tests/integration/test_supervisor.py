@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -22,7 +24,7 @@ from cuebx import Cuebx
 from cuebx.supervisor import Supervisor
 from tests.conftest import AppFactory, Raw, wait_for
 from tests.integration import scaleout_app
-from tests.integration.scaleout import WorkerRun
+from tests.integration.scaleout import ROOT, WorkerRun
 
 pytestmark = [pytest.mark.anyio]
 
@@ -318,3 +320,32 @@ async def test_a_worker_process_that_does_not_stop_in_time_is_killed_and_the_exi
     assert "sent no heartbeat for" in caplog.text
     assert "did not stop within 1s of being told to: killing it" in caplog.text
     assert "was killed by SIGKILL while stopping" in caplog.text
+
+
+async def test_the_supervised_example_runs_and_stops_cleanly(
+    tmp_path: Path, prefix: str, rabbitmq_url: str
+) -> None:
+    log = tmp_path / "example.log"
+    env = {**os.environ, "CUEBX_BROKER_URL": rabbitmq_url, "EXAMPLE_QUEUE": f"{prefix}.thumbs"}
+    with log.open("w") as out:
+        example = subprocess.Popen(
+            [sys.executable, "supervised.py"], cwd=ROOT / "examples", stderr=out, env=env
+        )
+    try:
+        await wait_for(
+            lambda: "all 2 worker processes ready" in log.read_text(), timeout=30, what="ready"
+        )
+        example.send_signal(signal.SIGTERM)
+        await wait_for(lambda: example.poll() is not None, timeout=30, what="exit")
+        assert example.returncode == 0, log.read_text()
+    finally:
+        if example.poll() is None:
+            example.kill()
+        cleanup = Cuebx(rabbitmq_url)
+        cleanup.task(queue=f"{prefix}.thumbs", name="make_thumbnail")(_nothing)
+        await cleanup.broker.connect()
+        await cleanup.broker.delete(cleanup.topology())
+        await cleanup.close()
+
+
+def _nothing(image_id: int) -> None: ...
