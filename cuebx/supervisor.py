@@ -702,11 +702,10 @@ class Supervisor:
         self._stop_all(immediate=immediate)
 
     def _stop_all(self, *, immediate: bool) -> None:
-        first = self._status not in ("stopping", "stopped")
         self._status = "stopping"
-        self._restart_at.clear()
+        self._restart_at.clear()  # pending restarts see `stopping` and do nothing
         for child in list(self._children.values()):
-            if first or not child.told_to_stop:
+            if not child.told_to_stop:
                 self._stop(child)
             if immediate:
                 child.tell("stop-now")
