@@ -83,7 +83,9 @@ class Cuebx:
 
     Args:
         url: broker URL; else ``CUEBX_BROKER_URL``; else ``amqp://guest:guest@localhost:5672/``.
-            ``memory://`` runs everything in process (for tests).
+            ``memory://`` runs everything in process (for tests). Several URLs (a list, or
+            one string with commas, as ``CUEBX_BROKER_URL`` takes them) name the nodes of a
+            RabbitMQ cluster: a lost connection moves to the next node that answers.
         exchange: the direct exchange tasks are published to.
         queue_type: ``"classic"`` or ``"quorum"``, for queues whose tasks do not say.
         serializer: ``"json"`` (default) or ``"msgpack"``.
@@ -117,7 +119,7 @@ class Cuebx:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         exchange: str = "cuebx",
         queue_type: QueueType = "classic",
@@ -457,6 +459,7 @@ class Cuebx:
             s = self.settings
             self._broker = broker_for_url(
                 s.url,
+                urls=s.urls,
                 publish_timeout=s.publish_timeout,
                 connect_timeout=s.connect_timeout,
                 connection_name=s.connection_name,

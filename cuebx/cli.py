@@ -24,6 +24,7 @@ from cuebx.ops import commands
 from cuebx.ops.logs import LogFormat, configure_logging
 from cuebx.scheduling import JobReport
 from cuebx.scheduling.schedules import slot_text
+from cuebx.supervisor import Supervisor, parse_processes, parse_size
 from cuebx.worker import Worker
 
 if TYPE_CHECKING:
@@ -87,6 +88,24 @@ def main() -> None:
 @click.option("--prefetch", type=click.IntRange(min=1), help="Prefetch for every queue.")
 @click.option("--shutdown-timeout", help="How long running handlers may finish on stop: 30s.")
 @click.option(
+    "--processes",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Worker processes, each with its own connection; auto: one per CPU.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Replace a worker process after it ran N tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    metavar="SIZE",
+    help="Replace a worker process whose memory is above SIZE: 512MiB, 2GB.",
+)
+@click.option(
     "-l",
     "--log-level",
     "--loglevel",
@@ -122,6 +141,9 @@ def worker(
     queues: str | None,
     prefetch: int | None,
     shutdown_timeout: str | None,
+    processes: str,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: str | None,
     log_level: str,
     log_format: LogFormat,
     metrics_port: int | None,
@@ -136,6 +158,7 @@ def worker(
       cuebx worker -A shop.tasks:app -Q emails,webhooks --prefetch 20
       cuebx worker -A shop.tasks -Q reports --prefetch 2 --shutdown-timeout 2m
       cuebx worker -A shop.tasks --no-scheduler   run tasks, never fire periodic jobs
+      cuebx worker -A shop.tasks --processes auto --max-tasks-per-child 1000
       CUEBX_BROKER_URL=amqp://app:secret@rabbitmq:5672/prod cuebx worker -A shop.tasks
       cuebx worker -A shop.tasks --metrics-port 9100 --log-format json
     """
@@ -159,7 +182,8 @@ def worker(
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
     except (LookupError, ValueError, BaseExceptionGroup) as exc:
         raise _click_error(exc, (LookupError, ValueError)) from None
-    logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
+    urls = ", ".join(mask_url(url) for url in app.settings.urls)
+    logger.info("cuebx worker for %s on %s", app_path, urls)
     for queue in built.queues:
         logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
     endpoints = None
@@ -171,6 +195,21 @@ def worker(
         endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
     if no_scheduler:
         logger.info("scheduler: off (--no-scheduler)")
+    try:
+        supervisor = _supervisor(
+            app_path,
+            built,
+            processes=processes,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
+            log_level=log_level.upper(),
+            prefetch=prefetch,
+            publish_timeout=app.settings.publish_timeout,
+        )
+    except CuebxError as exc:
+        raise click.ClickException(str(exc)) from None
+    if supervisor is not None:
+        raise SystemExit(anyio.run(supervisor.run, backend_options=_backend_options()))
     try:
         anyio.run(_run_worker, app, built, endpoints, backend_options=_backend_options())
     except (CuebxError, OSError, BaseExceptionGroup) as exc:
@@ -190,6 +229,45 @@ def _metrics(app: Cuebx) -> PrometheusMetrics:
         metrics = PrometheusMetrics()
         app.add_middleware(metrics)
     return metrics
+
+
+def _supervisor(
+    app_path: str,
+    worker: Worker,
+    *,
+    processes: str,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: str | None,
+    log_level: str,
+    prefetch: int | None,
+    publish_timeout: float,
+) -> Supervisor | None:
+    """The supervisor of ``--processes N``, or None for today's single process.
+
+    One process without a per-child limit runs in this process, as before; anything else runs
+    in supervised worker processes (a limit needs a supervisor to start the replacement).
+    """
+    count = parse_processes(processes, "--processes")
+    if count == 1 and max_tasks_per_child is None and max_memory_per_child is None:
+        return None
+    memory = (
+        None
+        if max_memory_per_child is None
+        else parse_size(max_memory_per_child, "--max-memory-per-child")
+    )
+    return Supervisor(
+        functools.partial(load_app, app_path),
+        processes=count,
+        queues=worker.queue_names,
+        prefetch=prefetch,
+        shutdown_timeout=worker.shutdown_timeout,
+        # Time for the last retry and dead-letter copies to be confirmed, and to close.
+        stop_grace=publish_timeout + 10,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=memory,
+        log_level=log_level,
+        backend_options=_backend_options(),
+    )
 
 
 def _click_error(

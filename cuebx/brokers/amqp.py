@@ -11,6 +11,7 @@ translated into cuebx's at this boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -25,6 +26,7 @@ import aio_pika
 import aiormq
 import anyio
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
@@ -60,6 +62,24 @@ def _not_a_refused_connection(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("aiormq.connection").addFilter(_not_a_refused_connection)
+
+
+def _not_a_channel_restored_too_early(record: logging.LogRecord) -> bool:
+    """When a connection is lost, each robust channel's close callback tries to reopen it on
+    the connection that is gone, fails, and aio-pika logs that as an error; the connection
+    reopens every channel once it is back, and cuebx reports the loss itself."""
+    args = record.args
+    return not (
+        record.msg == "Callback %r error: %s: %s"
+        and isinstance(args, tuple)
+        and len(args) == 3
+        and args[1] == "RuntimeError"
+        and "RobustChannel._on_close" in repr(args[0])
+        and str(args[2]).endswith(" closed")
+    )
+
+
+logging.getLogger("aio_pika.tools").addFilter(_not_a_channel_restored_too_early)
 
 _PERSISTENT = 2
 #: RabbitMQ's pseudo-queue for direct reply-to (no declaration, consumed in no-ack mode).
@@ -353,6 +373,88 @@ class _Subscription:
             logger.debug("closing the channel of %r failed: %s", self.queue, exc)
 
 
+class _FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection that moves to the next node of a cluster when it loses one.
+
+    aio-pika reconnects a robust connection to its `url`, which each attempt reads anew.
+    Every lost connection and every failed attempt goes through `_on_connection_close`
+    (aio-pika hands a failed attempt a closing future that holds its error), so pointing
+    `url` at the next node there sends the next attempt to it: round robin, starting from
+    the node after the one lost. aio-pika then restores the channels (consumers, the
+    publisher) on whichever node answered. With a single URL this is aio-pika's robust
+    connection as it is.
+
+    Log lines, aio-pika's too (through `__str__`), name the node they are about, with its
+    password masked: the node connected to, or the one whose attempt just failed.
+    """
+
+    def __init__(self, urls: Sequence[str], index: int, **kwargs: Any) -> None:
+        self.nodes = tuple(urls)
+        #: The node connected to, or tried last; `_next` is the one the next attempt uses.
+        self.node = self._next = index
+        self._up = False
+        super().__init__(make_url(urls[index]), **kwargs)
+
+    @property
+    def node_url(self) -> str:
+        return self.nodes[self.node]
+
+    def __str__(self) -> str:
+        return mask_url(self.node_url)
+
+    async def _on_connected(self) -> None:
+        self.node = self._next
+        await super()._on_connected()
+        self._up = True
+        if self.connection_attempt > 1:  # aio-pika has counted this attempt already
+            logger.info("reconnected to RabbitMQ at %s", mask_url(self.node_url))
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        # Not before the first connection: `AmqpBroker._open` tries the nodes and reports.
+        if self.connection_attempt and not (self._close_called or self.is_closed):
+            self._move_on(closing)
+        self._up = False
+        await super()._on_connection_close(closing)
+
+    def _move_on(self, closing: asyncio.Future[Any]) -> None:
+        """Point the next attempt at the next node, and say what happened to this one."""
+        self.node = self._next
+        # Log the URL as a string: the connection's own text changes with the next attempt.
+        here = mask_url(self.node_url)
+        if len(self.nodes) == 1:
+            if self._up:  # a failed attempt: aio-pika's own warning says so
+                logger.warning(
+                    "lost the connection to RabbitMQ at %s (%s): reconnecting",
+                    here,
+                    _closing_reason(closing),
+                )
+            return
+        self._next = (self.node + 1) % len(self.nodes)
+        self.url = make_url(self.nodes[self._next])
+        logger.warning(
+            "%s RabbitMQ at %s (%s): trying %s next",
+            "lost the connection to" if self._up else "cannot connect to",
+            here,
+            _closing_reason(closing),
+            mask_url(self.nodes[self._next]),
+        )
+
+
+def _closing_reason(closing: asyncio.Future[Any]) -> str:
+    """Why a connection closed, in a few words."""
+    if closing.cancelled():
+        return "cancelled"
+    exc = closing.exception()
+    if exc is None:
+        return "closed"
+    return str(exc) or type(exc).__name__
+
+
+def _failed(failures: Sequence[tuple[str, BaseException]]) -> str:
+    """``"<masked url>: <error>; ..."``, for the nodes that could not be reached."""
+    return "; ".join(f"{mask_url(url)}: {exc or type(exc).__name__}" for url, exc in failures)
+
+
 class AmqpBroker:
     """The `Broker` protocol on RabbitMQ.
 
@@ -363,12 +465,15 @@ class AmqpBroker:
         connect_timeout: seconds to wait for the first connection.
         connection_name: shown in the management UI and ``rabbitmqctl list_connections``.
         reconnect_interval: seconds between attempts to get a lost connection back.
+        urls: every node of a RabbitMQ cluster, `url` first; a lost connection moves to
+            the next one that answers (see `_FailoverConnection`). Just `url` when empty.
     """
 
     def __init__(
         self,
         url: str,
         *,
+        urls: Sequence[str] = (),
         publish_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         connection_name: str | None = None,
@@ -376,6 +481,7 @@ class AmqpBroker:
     ) -> None:
         self.url = url
         self.clock = SystemClock()
+        self.urls = tuple(urls) or (url,)
         self.reconnect_interval = reconnect_interval
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
@@ -383,6 +489,7 @@ class AmqpBroker:
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
+        self._publisher_reopen_after = 0.0
         self._subscriptions: set[_Subscription] = set()
         self._lock = anyio.Lock()
         # The channel of `get`, with the acks of what it fetched.
@@ -397,18 +504,7 @@ class AmqpBroker:
         async with self._lock:
             if self._connection is not None and not self._connection.is_closed:
                 return
-            try:
-                with anyio.fail_after(self.connect_timeout):
-                    connection = await aio_pika.connect_robust(
-                        self.url,
-                        client_properties={"connection_name": self.connection_name},
-                        reconnect_interval=self.reconnect_interval,
-                    )
-            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-                raise BrokerUnavailableError(
-                    f"cannot connect to RabbitMQ at {mask_url(self.url)}: "
-                    f"{exc or type(exc).__name__}"
-                ) from exc
+            connection = await self._open()
             self._publisher = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
@@ -426,10 +522,54 @@ class AmqpBroker:
             and not connection.transport.connection.is_closed
         )
 
+    async def _open(self) -> _FailoverConnection:
+        """Connect to the first node that answers, trying the URLs in order.
+
+        Each node gets an equal share of the connect timeout, for this attempt and for every
+        reconnection attempt later, so a node that swallows packets cannot use up the time
+        the others need.
+        """
+        share = self.connect_timeout / len(self.urls)
+        failures: list[tuple[str, BaseException]] = []
+        with anyio.move_on_after(self.connect_timeout + 1):
+            for index, url in enumerate(self.urls):
+                connection = _FailoverConnection(
+                    self.urls,
+                    index,
+                    client_properties={"connection_name": self.connection_name},
+                    reconnect_interval=self.reconnect_interval,
+                )
+                try:
+                    await connection.connect(timeout=share)
+                except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                    await connection.close()
+                    failures.append((url, exc))
+                    continue
+                if failures:
+                    logger.warning(
+                        "connected to RabbitMQ at %s; %s", mask_url(url), _failed(failures)
+                    )
+                return connection
+        if len(failures) < len(self.urls):  # the overall deadline struck mid-attempt
+            failures.append((self.urls[len(failures)], TimeoutError("timed out")))
+        if len(self.urls) == 1:
+            where = f"RabbitMQ at {_failed(failures)}"
+        else:
+            where = f"any of {len(self.urls)} RabbitMQ nodes: {_failed(failures)}"
+        raise BrokerUnavailableError(f"cannot connect to {where}") from failures[-1][1]
+
+    @property
+    def node_url(self) -> str:
+        """The URL of the node the connection is on or tries next; before connecting, the first."""
+        connection = self._connection
+        if isinstance(connection, _FailoverConnection):
+            return connection.node_url
+        return self.url
+
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise BrokerUnavailableError(
-                f"not connected to {mask_url(self.url)}: call `await app.connect()` first"
+                f"not connected to {mask_url(self.node_url)}: call `await app.connect()` first"
             )
         return self._connection
 
@@ -672,7 +812,7 @@ class AmqpBroker:
             )
         except TimeoutError:
             raise PublishTimeoutError(
-                f"no confirm from {mask_url(self.url)} within {self.publish_timeout:g}s for "
+                f"no confirm from {mask_url(self.node_url)} within {self.publish_timeout:g}s for "
                 f"message {message.message_id} to {_target(exchange, routing_key)}; it may or "
                 "may not have been stored"
             ) from None
@@ -681,12 +821,15 @@ class AmqpBroker:
                 f"message {message.message_id} to {_target(exchange, routing_key)} was "
                 "returned: no queue is bound for that routing key (declare the topology first)"
             ) from None
+        except aiormq.exceptions.DeliveryError:
+            confirm = None
         except _LOST_CHANNEL as exc:
             raise PublishError(
                 f"message {message.message_id} to {_target(exchange, routing_key)} was not "
                 f"confirmed: {exc or type(exc).__name__}"
             ) from exc
         if not isinstance(confirm, spec.Basic.Ack):
+            await self._nacked(underlay)
             raise PublishError(
                 f"message {message.message_id} to {_target(exchange, routing_key)} was "
                 "nacked by the broker"
@@ -751,6 +894,26 @@ class AmqpBroker:
             raise PublishError(f"the reply to {reply_to!r} was not confirmed: {exc}") from exc
         if not isinstance(confirm, spec.Basic.Ack):
             raise PublishError(f"the reply to {reply_to!r} was nacked by the broker")
+
+    async def _nacked(self, underlay: aiormq.abc.AbstractChannel | None) -> None:
+        """Reopen the publisher channel after a nack, at most once a second.
+
+        A channel whose first publish to a quorum queue reaches RabbitMQ while the queue
+        elects a new leader (its node was lost) can go on nacking every later publish to
+        that queue, while a channel opened after the election publishes normally (seen on
+        RabbitMQ 3.10). A fresh channel gets past it; a queue that nacks for another reason
+        (``reject-publish`` at its length limit) costs one new channel a second.
+        """
+        now = time.monotonic()
+        if underlay is None or underlay is not self._publisher_underlay:
+            return  # another nacked publish reopened it already
+        if now < self._publisher_reopen_after:
+            return
+        self._publisher_reopen_after = now + 1.0
+        self._publisher_underlay = None
+        logger.info("a publish was nacked: reopening the publisher channel")
+        with anyio.move_on_after(self.connect_timeout), contextlib.suppress(*_LOST_CHANNEL):
+            await underlay.close()  # aio-pika's robust channel opens a new one
 
     async def publish_many(
         self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int
