@@ -6,11 +6,15 @@ The operations commands (``cuebx dlq``, ``cuebx status``, ``cuebx topology diff`
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import os
+import shutil
 import signal
+import tempfile
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
@@ -21,6 +25,7 @@ from cuebx.brokers.base import mask_url
 from cuebx.durations import to_seconds
 from cuebx.errors import AppNotFoundError, CuebxError
 from cuebx.ops import commands
+from cuebx.ops.http import serve
 from cuebx.ops.logs import LogFormat, configure_logging
 from cuebx.scheduling import JobReport
 from cuebx.scheduling.schedules import slot_text
@@ -33,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["load_app", "main", "one_line_error"]
 
 logger = logging.getLogger("cuebx.cli")
+
+T = TypeVar("T")
 
 
 def load_app(path: str) -> Cuebx:
@@ -163,16 +170,13 @@ def worker(
       cuebx worker -A shop.tasks --metrics-port 9100 --log-format json
     """
     configure_logging(log_level, log_format)
-    app = load_app(app_path)
-    if not app.tasks:
-        raise click.ClickException(
-            f"-A {app_path!r}: the app has no tasks; decorate functions with @app.task in "
-            "the module (or in modules it imports)"
-        )
-    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    count = parse_processes(processes, "--processes")
+    supervised = count > 1 or max_tasks_per_child is not None or max_memory_per_child is not None
+    if supervised and metrics_port is not None:
+        _share_metrics_between_processes()
+    app = _worker_app(app_path, scheduler=not no_scheduler)
     metrics = None if metrics_port is None else _metrics(app)
-    if no_scheduler:
-        app.scheduler.configure(enabled=False)
+    names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
     try:
         seconds = (
             None
@@ -180,42 +184,95 @@ def worker(
             else to_seconds(shutdown_timeout, what="--shutdown-timeout")
         )
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
+        memory = (
+            None
+            if max_memory_per_child is None
+            else parse_size(max_memory_per_child, "--max-memory-per-child")
+        )
     except (LookupError, ValueError, BaseExceptionGroup) as exc:
         raise _click_error(exc, (LookupError, ValueError)) from None
-    urls = ", ".join(mask_url(url) for url in app.settings.urls)
-    logger.info("cuebx worker for %s on %s", app_path, urls)
-    for queue in built.queues:
-        logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
+    _log_start(app_path, app, built, no_scheduler)
+    if not supervised:
+        endpoints = None
+        if metrics is not None and metrics_port is not None:
+            from cuebx.metrics import worker_routes
+
+            routes = worker_routes(built, metrics, app.topology())
+            endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
+        _run_or_exit(_run_worker, app, built, endpoints)
+        return
+    supervisor = Supervisor(
+        functools.partial(_worker_app, app_path, scheduler=not no_scheduler),
+        processes=count,
+        queues=built.queue_names,
+        prefetch=prefetch,
+        shutdown_timeout=built.shutdown_timeout,
+        # Time for the last retry and dead-letter copies to be confirmed, and to close.
+        stop_grace=app.settings.publish_timeout + 10,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=memory,
+        log_level=log_level.upper(),
+        backend_options=_backend_options(),
+        middleware=() if metrics is None else (type(metrics),),
+        on_child_exit=None if metrics is None else _mark_dead,
+    )
     endpoints = None
     if metrics is not None and metrics_port is not None:
-        from cuebx.metrics import worker_routes
-        from cuebx.ops.http import serve
+        from cuebx.metrics import supervisor_routes
 
-        routes = worker_routes(built, metrics, app.topology())
+        routes = supervisor_routes(supervisor, metrics, app.broker, app.topology())
         endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
+    raise SystemExit(_run_or_exit(_run_supervised, app, supervisor, endpoints))
+
+
+def _worker_app(app_path: str, *, scheduler: bool = True) -> Cuebx:
+    """Load the app a worker runs (in this process or a worker process), checked."""
+    app = load_app(app_path)
+    if not app.tasks:
+        raise click.ClickException(
+            f"-A {app_path!r}: the app has no tasks; decorate functions with @app.task in "
+            "the module (or in modules it imports)"
+        )
+    if not scheduler:
+        app.scheduler.configure(enabled=False)
+    return app
+
+
+def _log_start(app_path: str, app: Cuebx, worker: Worker, no_scheduler: bool) -> None:
+    urls = ", ".join(mask_url(url) for url in app.settings.urls)
+    logger.info("cuebx worker for %s on %s", app_path, urls)
+    for queue in worker.queues:
+        logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
     if no_scheduler:
         logger.info("scheduler: off (--no-scheduler)")
+
+
+def _run_or_exit(run: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+    """Run `run(*args)` in an event loop; what the broker or the OS refused as one line."""
     try:
-        supervisor = _supervisor(
-            app_path,
-            built,
-            processes=processes,
-            max_tasks_per_child=max_tasks_per_child,
-            max_memory_per_child=max_memory_per_child,
-            log_level=log_level.upper(),
-            prefetch=prefetch,
-            publish_timeout=app.settings.publish_timeout,
-        )
-    except CuebxError as exc:
-        raise click.ClickException(str(exc)) from None
-    if supervisor is not None:
-        raise SystemExit(anyio.run(supervisor.run, backend_options=_backend_options()))
-    try:
-        anyio.run(_run_worker, app, built, endpoints, backend_options=_backend_options())
+        return anyio.run(run, *args, backend_options=_backend_options())
     except (CuebxError, OSError, BaseExceptionGroup) as exc:
         # A task group wraps what failed inside it (a consumer the broker refused, a port in
         # use) in an exception group, nested once per task group it went through.
         raise _click_error(exc, (CuebxError, OSError)) from None
+
+
+def _share_metrics_between_processes() -> None:
+    """Put prometheus_client in multiprocess mode, before anything imports it.
+
+    Every worker process inherits the directory and writes its numbers there; the
+    supervisor's ``/metrics`` adds them up.
+    """
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        path = tempfile.mkdtemp(prefix="cuebx-metrics-")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def _mark_dead(pid: int) -> None:
+    from cuebx.metrics import mark_dead
+
+    mark_dead(pid)
 
 
 def _metrics(app: Cuebx) -> PrometheusMetrics:
@@ -231,43 +288,28 @@ def _metrics(app: Cuebx) -> PrometheusMetrics:
     return metrics
 
 
-def _supervisor(
-    app_path: str,
-    worker: Worker,
-    *,
-    processes: str,
-    max_tasks_per_child: int | None,
-    max_memory_per_child: str | None,
-    log_level: str,
-    prefetch: int | None,
-    publish_timeout: float,
-) -> Supervisor | None:
-    """The supervisor of ``--processes N``, or None for today's single process.
-
-    One process without a per-child limit runs in this process, as before; anything else runs
-    in supervised worker processes (a limit needs a supervisor to start the replacement).
-    """
-    count = parse_processes(processes, "--processes")
-    if count == 1 and max_tasks_per_child is None and max_memory_per_child is None:
-        return None
-    memory = (
-        None
-        if max_memory_per_child is None
-        else parse_size(max_memory_per_child, "--max-memory-per-child")
-    )
-    return Supervisor(
-        functools.partial(load_app, app_path),
-        processes=count,
-        queues=worker.queue_names,
-        prefetch=prefetch,
-        shutdown_timeout=worker.shutdown_timeout,
-        # Time for the last retry and dead-letter copies to be confirmed, and to close.
-        stop_grace=publish_timeout + 10,
-        max_tasks_per_child=max_tasks_per_child,
-        max_memory_per_child=memory,
-        log_level=log_level,
-        backend_options=_backend_options(),
-    )
+async def _run_supervised(
+    app: Cuebx,
+    supervisor: Supervisor,
+    endpoints: Callable[..., Coroutine[Any, Any, None]] | None,
+) -> int:
+    """Supervise the worker processes; serve their health and metrics beside them."""
+    if endpoints is None:
+        return await supervisor.run()
+    try:
+        # The parent's own connection reads queue depths for /metrics; it is optional.
+        await app.broker.connect()
+    except CuebxError as exc:
+        logger.warning("no queue depths in /metrics for now: %s", exc)
+    try:
+        async with anyio.create_task_group() as group:
+            await group.start(endpoints)
+            code = await supervisor.run()
+            group.cancel_scope.cancel()
+        return code
+    finally:
+        with anyio.CancelScope(shield=True):
+            await app.broker.close()
 
 
 def _click_error(

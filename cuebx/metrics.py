@@ -61,11 +61,12 @@ from cuebx.brokers.base import Broker
 from cuebx.message import DeadLetterReason
 from cuebx.middleware import Middleware, Outcome, Publish, Received, Skip
 from cuebx.ops.health import worker_health
-from cuebx.ops.http import Response, Route, health_routes
+from cuebx.ops.http import Response, Route, health_routes, probe_routes
+from cuebx.supervisor import Supervisor
 from cuebx.topology import Topology
 from cuebx.worker import Worker
 
-__all__ = ["PrometheusMetrics", "worker_routes"]
+__all__ = ["PrometheusMetrics", "mark_dead", "supervisor_routes", "worker_routes"]
 
 logger = logging.getLogger("cuebx.metrics")
 
@@ -328,6 +329,35 @@ def _waited_since(published_at: datetime | None, eta: Any) -> float | None:
 
 def _epoch(moment: datetime) -> float:
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def supervisor_routes(
+    supervisor: Supervisor, metrics: PrometheusMetrics, broker: Broker, topology: Topology
+) -> Mapping[str, Route]:
+    """``/metrics``, ``/healthz`` and ``/readyz`` served by the parent of worker processes.
+
+    Alive while no worker process is stale (a blocked event loop) and the supervisor has
+    not given up: a process being restarted is the supervisor's job, not a reason for a
+    liveness probe to kill them all. Ready while every process consumes. ``/metrics`` adds
+    up every process's numbers (prometheus_client's multiprocess mode: the parent sets
+    ``PROMETHEUS_MULTIPROC_DIR`` before anything imports prometheus_client) and reads queue
+    depths through `broker`, the parent's own connection.
+    """
+
+    def alive() -> bool:
+        report = supervisor.health()
+        return not report["stale"] and report["status"] != "stopped"
+
+    return {
+        **probe_routes(alive, lambda: bool(supervisor.health()["ready"]), supervisor.health),
+        "/metrics": metrics.route(broker, topology),
+    }
+
+
+def mark_dead(pid: int) -> None:
+    """Forget a worker process's live gauges (multiprocess mode), once it has exited."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 def worker_routes(

@@ -326,6 +326,8 @@ class WorkerSpec:
         log_level: the level of the child's log records (they go to stderr).
         backend_options: anyio's backend options for the child's event loop (uvloop).
         heartbeat_interval: seconds between heartbeats.
+        middleware: picklable callables (a class, say) each making a middleware that every
+            worker process adds to its app, unless the app already has one of that type.
     """
 
     app: Callable[[], Cuebx]
@@ -337,6 +339,7 @@ class WorkerSpec:
     log_level: str = "INFO"
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     heartbeat_interval: float = HEARTBEAT_INTERVAL
+    middleware: tuple[Callable[[], Middleware], ...] = ()
 
 
 class TaskCounter(Middleware):
@@ -404,6 +407,10 @@ def _child_main(spec: WorkerSpec, slot: int, conn: Connection) -> None:
 
 async def _serve(app: Cuebx, spec: WorkerSpec, reporter: _Reporter) -> int:
     """Run one worker until it is told to stop; the exit code of the process."""
+    for make in spec.middleware:
+        middleware = make()
+        if app.middleware.find(type(middleware)) is None:
+            app.add_middleware(middleware)
     if spec.max_tasks is not None:
         reporter.counter = TaskCounter(spec.max_tasks, functools.partial(_task_limit, reporter))
         app.add_middleware(reporter.counter)
@@ -557,6 +564,11 @@ class Supervisor:
         backend_options: anyio backend options for the worker processes' event loops.
         restarts: when to restart and when to give up (`RestartPolicy()` by default).
         heartbeat_interval: seconds between a worker process's heartbeats.
+        middleware: picklable callables each making a middleware for every worker process
+            (`cuebx.metrics.PrometheusMetrics`, say), added unless its app has one of that
+            type already.
+        on_child_exit: called with the pid of every worker process that exited (to mark
+            its metrics dead in prometheus_client's multiprocess mode, say).
 
     Raises:
         ConfigurationError: an option is invalid, or `app` cannot be pickled.
@@ -577,6 +589,8 @@ class Supervisor:
         backend_options: Mapping[str, Any] | None = None,
         restarts: RestartPolicy | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        middleware: Sequence[Callable[[], Middleware]] = (),
+        on_child_exit: Callable[[int], None] | None = None,
     ) -> None:
         where = "Supervisor"
         self.processes = check_count(processes, where, "processes")
@@ -588,7 +602,7 @@ class Supervisor:
             else parse_size(max_memory_per_child, f"{where}: max_memory_per_child")
         )
         try:
-            pickle.dumps(app)
+            pickle.dumps((app, tuple(middleware)))
         except Exception as exc:
             raise ConfigurationError(
                 f"{where}: app {app!r} cannot be pickled ({exc}); worker processes are "
@@ -605,7 +619,9 @@ class Supervisor:
             log_level=log_level,
             backend_options=dict(backend_options or {}),
             heartbeat_interval=heartbeat_interval,
+            middleware=tuple(middleware),
         )
+        self.on_child_exit = on_child_exit
         self.restarts = restarts or RestartPolicy()
         self.stop_deadline = shutdown_timeout + stop_grace
         self._context = multiprocessing.get_context("spawn")
@@ -801,6 +817,8 @@ class Supervisor:
         child.exit_code = code
         child.state = "exited"
         self._children.pop(child.pid, None)
+        if self.on_child_exit is not None:
+            self.on_child_exit(child.pid)
         child.conn.close()
         current = self._slots.get(child.slot) is child
         if current:

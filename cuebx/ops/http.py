@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import anyio
 from anyio.abc import SocketStream, TaskStatus
@@ -20,7 +21,7 @@ from anyio.abc import SocketStream, TaskStatus
 from cuebx.ops.health import Health
 from cuebx.ops.records import encode_json
 
-__all__ = ["Response", "Route", "health_routes", "serve"]
+__all__ = ["Response", "Route", "health_routes", "probe_routes", "serve"]
 
 logger = logging.getLogger("cuebx.http")
 
@@ -43,16 +44,24 @@ _READ_TIMEOUT = 5.0
 
 def health_routes(read: Callable[[], Health]) -> dict[str, Route]:
     """``/healthz`` and ``/readyz``: 200 or 503, with the `Health` as JSON."""
+    return probe_routes(lambda: read().alive, lambda: read().ready, lambda: read().to_dict())
 
-    def probe(check: Callable[[Health], bool]) -> Route:
+
+def probe_routes(
+    alive: Callable[[], bool],
+    ready: Callable[[], bool],
+    describe: Callable[[], Mapping[str, Any]],
+) -> dict[str, Route]:
+    """``/healthz`` (`alive`) and ``/readyz`` (`ready`): 200 or 503, `describe` as JSON."""
+
+    def probe(check: Callable[[], bool]) -> Route:
         async def answer() -> Response:
-            health = read()
-            code = 200 if check(health) else 503
-            return code, "application/json", encode_json(health.to_dict())
+            code = 200 if check() else 503
+            return code, "application/json", encode_json(describe())
 
         return answer
 
-    return {"/healthz": probe(lambda h: h.alive), "/readyz": probe(lambda h: h.ready)}
+    return {"/healthz": probe(alive), "/readyz": probe(ready)}
 
 
 async def serve(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -245,3 +246,64 @@ async def _metric(client: httpx.AsyncClient, queue: str, label: str, value: floa
         if line.startswith("cuebx_tasks_total{") and queue in line and label in line:
             return float(line.rsplit(" ", 1)[1]) == value
     return False
+
+
+@pytest.mark.timeout(90)
+async def test_the_parent_of_worker_processes_serves_their_health_and_summed_metrics(
+    make_rabbit_app: AppFactory, prefix: str, tmp_path: Path, rabbitmq_url: str
+) -> None:
+    queue = f"{prefix}.jobs"
+    producer = make_rabbit_app()
+    job = producer.task(queue=queue, name="job")(_job)
+    await producer.connect()
+    (tmp_path / "metricsapp.py").write_text(WORKER_APP)
+    env = {
+        **os.environ,
+        "CUEBX_BROKER_URL": rabbitmq_url,
+        "TEST_QUEUE": queue,
+        "TEST_CONNECTION": f"{prefix}-metrics",
+        "PYTHONPATH": str(Path.cwd()),
+    }
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        process = subprocess.Popen(
+            [*WORKER, "--processes", "2", "--prefetch", "1", "--metrics-port", "0"],
+            cwd=tmp_path,
+            env=env,
+            stderr=stderr,
+            stdout=stderr,
+            start_new_session=True,
+        )
+    try:
+        port = await _served_port_in_text(log)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            await wait_for(lambda: _status(client, "/readyz", 200), timeout=30, what="ready")
+            health = (await client.get("/healthz")).json()
+            assert health["processes"] == 2
+            assert sorted(c["state"] for c in health["children"]) == ["ready", "ready"]
+            await job.map([(n,) for n in range(40)])
+            await wait_for(
+                lambda: _metric(client, queue, 'outcome="succeeded"', 40.0),
+                timeout=30,
+                what="40 successes summed over both processes",
+            )
+        process.send_signal(signal.SIGTERM)
+        with anyio.fail_after(30):
+            while process.poll() is None:
+                await anyio.sleep(0.05)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0, log.read_text()
+    pids = set(re.findall(r"worker-\d \(pid (\d+)\) ready", log.read_text()))
+    assert len(pids) == 2, log.read_text()
+
+
+async def _served_port_in_text(log: Path) -> int:
+    with anyio.fail_after(30):
+        while True:
+            text = await anyio.Path(log).read_text()
+            if match := re.search(r"serving .* on http://127\.0\.0\.1:(\d+)", text):
+                return int(match[1])
+            await anyio.sleep(0.05)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import pickle
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from cuebx import cli
 from cuebx.cli import main, one_line_error
 from cuebx.errors import BrokerUnavailableError, CuebxError, TopologyError
 
@@ -100,3 +103,19 @@ def test_the_help_shown_in_docs_cli_md_is_the_real_one() -> None:
     shown = docs.split("```console\n$ cuebx --help\n", 1)[1].split("```", 1)[0]
     result = CliRunner().invoke(main, ["--help"], prog_name="cuebx", terminal_width=80)
     assert result.output == shown
+
+
+def test_worker_processes_load_the_app_with_the_scheduler_as_the_command_line_says(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "periodicapp.py").write_text(
+        "from cuebx import Cuebx\n"
+        "app = Cuebx('memory://')\n"
+        "@app.periodic(every='1h')\n"
+        "async def tick() -> None: ...\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # What each worker process calls (pickled): the flag must reach it.
+    assert not cli._worker_app("periodicapp", scheduler=False).scheduler.enabled
+    assert pickle.loads(pickle.dumps(functools.partial(cli._worker_app, "periodicapp")))
