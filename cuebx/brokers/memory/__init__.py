@@ -1,10 +1,11 @@
 """An in-process broker with RabbitMQ's semantics, on a clock that tests move by hand.
 
 `MemoryBroker` is a second real implementation of `cuebx.brokers.base.Broker`, not a mock:
-it routes through a direct exchange and the default exchange, refuses unroutable mandatory
-publishes, calls a consumer's handler once per delivery in a task of its own (as aiormq
-does), bounds unacked deliveries by prefetch, round-robins consumers, orders by
-``x-max-priority``, expires by ``x-message-ttl`` and dead-letters through
+it routes through direct, topic, headers and fanout exchanges, exchange-to-exchange bindings,
+alternate exchanges and the default exchange, refuses unroutable mandatory publishes, calls
+a consumer's handler once per delivery in a task of its own (as aiormq does), bounds unacked
+deliveries by prefetch, round-robins consumers, orders by ``x-max-priority``, expires by
+``x-message-ttl`` and dead-letters (through all of that routing)
 ``x-dead-letter-exchange`` / ``x-dead-letter-routing-key`` with an ``x-death`` header, counts
 quorum-queue redeliveries against ``x-delivery-limit``, refuses a redeclaration with other
 arguments, and when a channel closes requeues whatever is unacked (its running handlers go
@@ -19,7 +20,7 @@ stand still until `Clock.advance` moves it, and ``clock="real"`` makes it follow
 monotonic clock. The timers run in a task group owned by the broker between `connect` and
 `close`.
 
-Not modelled, on purpose: exchange types other than direct, policies, per-message
+Not modelled, on purpose: policies, internal and auto-delete exchanges, per-message
 ``expiration``, ``x-max-length`` / ``x-overflow`` (so ``reject-publish`` never rejects),
 ``x-expires``, ``x-single-active-consumer``, quorum-queue priorities, and the retention of
 unroutable dead letters by ``x-dead-letter-strategy: at-least-once`` (here a dead letter
@@ -28,8 +29,8 @@ are always positive: nothing is lost in memory. Each broker object is its own se
 ``MemoryBroker("memory://same")`` objects share nothing; the name only shows in messages.
 
 The package, by noun: `clock` (time), `queues` (entries, queues, consumers, deliveries),
-`host` (the task group handler calls run in) and `broker` (routing, settling, expiry and
-dead-lettering).
+`exchanges` (the matching rules of each exchange type), `host` (the task group handler calls
+run in) and `broker` (routing, settling, expiry and dead-lettering).
 """
 
 from cuebx.brokers.memory.broker import MemoryBroker
