@@ -9,6 +9,7 @@ from cuebx.errors import (
     BrokerUnavailableError,
     ConfigurationError,
     CuebxError,
+    DelayError,
     DuplicateTaskError,
     PublishError,
     PublishTimeoutError,
@@ -19,7 +20,7 @@ from cuebx.errors import (
     TopologyError,
     UnroutableError,
 )
-from cuebx.middleware import Middleware, Outcome, Publish, Received, Skip
+from cuebx.middleware import Middleware, Outcome, Postpone, Publish, Received, Skip
 from cuebx.settings import Settings
 from cuebx.task import Task, TaskHandle
 from cuebx.worker import Worker
@@ -34,9 +35,11 @@ __all__ = [
     "ConfigurationError",
     "Cuebx",
     "CuebxError",
+    "DelayError",
     "DuplicateTaskError",
     "Middleware",
     "Outcome",
+    "Postpone",
     "Publish",
     "PublishError",
     "PublishTimeoutError",
