@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from cuebx.brokers.base import Broker
+from cuebx.brokers.base import Broker, Clock
 from cuebx.durations import Duration, label, to_ms
 from cuebx.errors import DelayError
 from cuebx.message import (
@@ -57,14 +57,10 @@ __all__ = [
     "Ladder",
     "LadderStatus",
     "LevelStatus",
-    "due_ms",
+    "due_us",
     "ladder_status",
+    "now_us",
 ]
-
-#: A float of epoch seconds is exact to about a quarter of a microsecond: a delay within
-#: this of a whole number of units is that number, so float rounding never costs a message
-#: a whole extra unit (`cuebx.policy.admit` allows the same when it compares etas).
-SLOP_MS = 0.001
 
 _LEFT_BEHIND = BROKER_HEADERS | {HEADER_REDELIVERIES}
 
@@ -129,13 +125,14 @@ class Ladder:
 
     # -- routing ----------------------------------------------------------------------------
 
-    def units(self, due_ms: float, now_ms: float) -> int:
-        """Count the units to wait from `now_ms` so as to arrive at `due_ms`, rounded up.
+    def units(self, due_us: int, now_us: int) -> int:
+        """Count the units to wait from `now_us` so as to arrive at `due_us`, rounded up.
 
-        Rounded up, so a message is never early (to within `SLOP_MS`); zero when it is due.
+        Times are whole epoch microseconds, so the count is exact: rounded up, a message is
+        never early, and float noise never costs it a whole extra unit. Zero when it is due.
         """
-        remaining = due_ms - now_ms - SLOP_MS
-        return 0 if remaining <= 0 else math.ceil(remaining / self.unit_ms)
+        remaining = due_us - now_us
+        return 0 if remaining <= 0 else -(-remaining // (self.unit_ms * 1000))
 
     def routing_key(self, units: int) -> str:
         """The routing key of a delay: its `levels` binary digits, most significant first."""
@@ -162,7 +159,7 @@ class Ladder:
             )
 
     def prepare(
-        self, message: OutgoingMessage, destination: str, *, due_ms: float, now_ms: float
+        self, message: OutgoingMessage, destination: str, *, due_us: int, now_us: int
     ) -> tuple[str, str, OutgoingMessage]:
         """Route a message to `destination` through the ladder: (exchange, key, message).
 
@@ -173,17 +170,17 @@ class Ladder:
         gets it early sends it down again (see `cuebx.policy.admit`). Nothing to wait for:
         straight to `destination` through the default exchange.
         """
-        units = min(self.units(due_ms, now_ms), self.max_units)
+        units = min(self.units(due_us, now_us), self.max_units)
         if units == 0:
             return "", destination, message
-        return self.entry, self.routing_key(units), self.stamp(message, destination, due_ms)
+        return self.entry, self.routing_key(units), self.stamp(message, destination, due_us)
 
     @staticmethod
-    def stamp(message: OutgoingMessage, destination: str, due_ms: float) -> OutgoingMessage:
+    def stamp(message: OutgoingMessage, destination: str, due_us: int) -> OutgoingMessage:
         """Copy `message` with its delay headers, leaving broker-added headers behind."""
         headers = {k: v for k, v in message.headers.items() if k not in _LEFT_BEHIND}
-        # Floored: the eta never lies after the moment the ladder delivers it.
-        headers[HEADER_ETA] = math.floor(due_ms)
+        # In whole ms, floored: the eta never lies after the moment the ladder delivers it.
+        headers[HEADER_ETA] = due_us // 1000
         headers[HEADER_DELAY_TO] = destination
         return replace(message, headers=headers)
 
@@ -255,19 +252,25 @@ class Ladder:
         return args
 
 
-def due_ms(
+def now_us(clock: Clock) -> int:
+    """Read a broker clock in whole epoch microseconds (floored: never ahead of it)."""
+    return math.floor(clock.time() * 1_000_000)
+
+
+def due_us(
     *,
     countdown: Duration | None,
     eta: datetime | None,
-    now: float,
+    now: int,
     task: str,
-) -> float | None:
-    """When a task's message is due, in epoch milliseconds; None when it has no delay.
+) -> int | None:
+    """When a task's message is due, in epoch microseconds; None when it has no delay.
 
     Args:
-        countdown: seconds (a number), a duration string (``"10m"``) or a `timedelta`.
+        countdown: seconds (a number, counted to the microsecond), a duration string
+            (``"10m"``) or a `timedelta`.
         eta: an aware `datetime`.
-        now: the broker's clock, epoch seconds (`Clock.time`).
+        now: the broker's clock, epoch microseconds (`now_us`).
         task: the task's name, for the errors.
 
     Raises:
@@ -285,28 +288,31 @@ def due_ms(
                 f"{where}: eta={eta.isoformat()} has no time zone, so cuebx cannot tell when "
                 "it is; pass an aware datetime, such as datetime(2027, 1, 1, 9, tzinfo=UTC)"
             )
-        return eta.timestamp() * 1000
+        return (eta - _EPOCH) // timedelta(microseconds=1)
     if countdown is None:
         return None
-    return now * 1000 + _countdown_ms(countdown, where)
+    return now + _countdown_us(countdown, where)
 
 
-def _countdown_ms(countdown: Duration, where: str) -> float:
-    # Exact where the type allows: a timedelta or a float is not rounded to the millisecond.
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _countdown_us(countdown: Duration, where: str) -> int:
     if isinstance(countdown, timedelta):
-        ms = countdown / timedelta(milliseconds=1)
+        us: float = countdown // timedelta(microseconds=1)
     elif isinstance(countdown, int | float) and not isinstance(countdown, bool):
-        ms = countdown * 1000.0
+        us = countdown * 1_000_000
     else:
         try:
-            ms = float(to_ms(countdown, what=f"{where}: countdown"))
+            us = to_ms(countdown, what=f"{where}: countdown") * 1000
         except ValueError as exc:
             raise DelayError(str(exc)) from None
-    if not math.isfinite(ms) or ms < 0:
+    if not math.isfinite(us) or us < 0:
         raise DelayError(
             f"{where}: countdown must be a duration of zero or more, got {countdown!r}"
         )
-    return ms
+    # Rounded to the microsecond: 0.6 s is 600000 us, not 600000.0000000001.
+    return round(us)
 
 
 class Delays:

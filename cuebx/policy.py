@@ -52,8 +52,8 @@ RetrySpec = Retry | Sequence[str | int | float | timedelta] | None
 #: a list has as many retries as the list is long, whichever way they are asked for.
 DELAYED_RETRY_LIMIT = 10
 
-#: Epoch times as floats are exact to about a quarter of a microsecond: an eta within this
-#: of the clock is due (`cuebx.delays` rounds delays the same way).
+#: An eta within a microsecond of the clock is due: epoch seconds as floats are exact to
+#: about a quarter of one, and `cuebx.delays` counts whole microseconds.
 _SLOP_MS = 0.001
 
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from cuebx.brokers.base import Broker
-from cuebx.delays import Delays, Ladder, due_ms
+from cuebx.delays import Delays, Ladder, due_us, now_us
 from cuebx.durations import Duration
 from cuebx.errors import ArgumentsError, BatchPublishError, PublishError
 from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, new_message_id
@@ -166,14 +166,14 @@ class Publisher:
         Raises:
             DelayError: the countdown or eta cannot be held; nothing was published.
         """
-        now = self.connection.broker.clock.time()
-        due = due_ms(countdown=countdown, eta=eta, now=now, task=task.name)
+        now = now_us(self.connection.broker.clock)
+        due = due_us(countdown=countdown, eta=eta, now=now, task=task.name)
         ladder = self.delays.ladder
-        units = 0 if due is None else ladder.units(due, now * 1000)
+        units = 0 if due is None else ladder.units(due, now)
         if due is None or units == 0:
             return self.settings.exchange, task.queue, message  # nothing to wait for
         ladder.check(units, f"task {task.name!r}")
-        planned = ladder.prepare(message, task.queue, due_ms=due, now_ms=now * 1000)
+        planned = ladder.prepare(message, task.queue, due_us=due, now_us=now)
         await self.delays.declare(await self._broker(), task.queue)
         return planned
 

@@ -32,7 +32,7 @@ from anyio.abc import TaskStatus
 
 from cuebx.brokers.base import Broker, Delivery, Subscription
 from cuebx.context import TaskContext, _current
-from cuebx.delays import Delays, Ladder
+from cuebx.delays import Delays, Ladder, now_us
 from cuebx.errors import BrokerError, PublishError, Retry, TopologyError
 from cuebx.message import (
     BROKER_HEADERS,
@@ -721,7 +721,7 @@ class Worker:
             ),
         )
         copy = _outgoing(delivery, message_id)
-        await self._delay(queue.name, delivery, copy, message_id, due_ms=eta_ms)
+        await self._delay(queue.name, delivery, copy, message_id, due_us=eta_ms * 1000)
 
     async def _retry_after(
         self,
@@ -744,8 +744,8 @@ class Worker:
             extra=_context_fields(context),
         )
         copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
-        due = self.broker.clock.time() * 1000 + decision.delay_ms
-        moved = await self._delay(queue.name, delivery, copy, context.message_id, due_ms=due)
+        due = now_us(self.broker.clock) + decision.delay_ms * 1000
+        moved = await self._delay(queue.name, delivery, copy, context.message_id, due_us=due)
         if moved and received is not None and self.stack.on_retry:
             await notify(
                 self.stack.on_retry,
@@ -770,8 +770,8 @@ class Worker:
         )
         await notify(self.stack.after_handler, received, Outcome(error=postpone))
         copy = _outgoing(delivery, context.message_id)
-        due = self.broker.clock.time() * 1000 + postpone.delay_ms
-        await self._delay(queue.name, delivery, copy, context.message_id, due_ms=due)
+        due = now_us(self.broker.clock) + postpone.delay_ms * 1000
+        await self._delay(queue.name, delivery, copy, context.message_id, due_us=due)
 
     async def _delay(
         self,
@@ -780,17 +780,17 @@ class Worker:
         copy: OutgoingMessage,
         message_id: str,
         *,
-        due_ms: float,
+        due_us: int,
     ) -> bool:
-        """Publish a copy down the delay ladder, due at `due_ms`, then ack the original.
+        """Publish a copy down the delay ladder, due at `due_us`, then ack the original.
 
         Returns:
             True once moved; False when the original was requeued (the copy was not
             confirmed, or the ladder could not be declared).
         """
         delays = self.delays
-        now_ms = self.broker.clock.time() * 1000
-        exchange, key, copy = delays.ladder.prepare(copy, queue, due_ms=due_ms, now_ms=now_ms)
+        now = now_us(self.broker.clock)
+        exchange, key, copy = delays.ladder.prepare(copy, queue, due_us=due_us, now_us=now)
         headers = copy.headers
         fields = _log_fields(
             headers.get(HEADER_TASK), message_id, header_count(headers.get(HEADER_ATTEMPT))
