@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -400,3 +403,19 @@ async def test_drain_follows_delays_on_a_manual_clock() -> None:
         await drain(app)
         assert ran == [1, 2]
         assert app.broker.clock.now() >= 3 * 86_400
+
+
+def test_the_delays_example_runs_on_its_own_in_next_to_no_time() -> None:
+    examples = Path(__file__).parents[2] / "examples"
+    result = subprocess.run(
+        [sys.executable, "delays.py"], cwd=examples, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    lines = [line.split(" ", 2)[2] for line in result.stdout.splitlines()]
+    assert lines == [
+        "scheduling",
+        "called https://example.com/hook on attempt 1",  # 90 s later
+        "reminder for user 42: in ten minutes",
+        "reminder for user 42: your trial ends tomorrow",
+        "reminder for user 42: good morning",
+    ]
