@@ -166,16 +166,18 @@ class Publisher:
         Raises:
             DelayError: the countdown or eta cannot be held; nothing was published.
         """
-        now = now_us(self.connection.broker.clock)
+        clock = self.connection.broker.clock
+        now = now_us(clock)
         due = due_us(countdown=countdown, eta=eta, now=now, task=task.name)
         ladder = self.delays.ladder
         units = 0 if due is None else ladder.units(due, now)
         if due is None or units == 0:
             return self.settings.exchange, task.queue, message  # nothing to wait for
         ladder.check(units, f"task {task.name!r}")
-        planned = ladder.prepare(message, task.queue, due_us=due, now_us=now)
         await self.delays.declare(await self._broker(), task.queue)
-        return planned
+        # Connecting and declaring the ladder took time: count the wait from now, so that
+        # the first delayed message is not late by it.
+        return ladder.prepare(message, task.queue, due_us=due, now_us=now_us(clock))
 
     async def _publish_with_hooks(
         self,

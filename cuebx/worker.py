@@ -789,14 +789,12 @@ class Worker:
             confirmed, or the ladder could not be declared).
         """
         delays = self.delays
-        now = now_us(self.broker.clock)
-        exchange, key, copy = delays.ladder.prepare(copy, queue, due_us=due_us, now_us=now)
         headers = copy.headers
         fields = _log_fields(
             headers.get(HEADER_TASK), message_id, header_count(headers.get(HEADER_ATTEMPT))
         )
         try:
-            if exchange:
+            if delays.ladder.units(due_us, now_us(self.broker.clock)):
                 await delays.declare(self.broker, queue)
         except (TopologyError, BrokerError) as exc:
             logger.error(
@@ -809,6 +807,9 @@ class Worker:
             with anyio.CancelScope(shield=True):
                 await delivery.reject(requeue=True)
             return False
+        # Planned after declaring, which may have taken a while.
+        now = now_us(self.broker.clock)
+        exchange, key, copy = delays.ladder.prepare(copy, queue, due_us=due_us, now_us=now)
         moved = await self._publish_then_ack(delivery, exchange, key, copy, message_id, fields)
         if not moved:
             delays.forget()  # was the ladder deleted? declare it again next time

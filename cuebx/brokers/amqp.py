@@ -453,8 +453,7 @@ class AmqpBroker:
                     ) from None
                 for key in queue.routing_keys:
                     await _bind(channel, Binding(topology.exchange, queue.name, key))
-            for binding in topology.bindings:
-                await _bind(channel, binding)
+            await _bind_all(channel, topology.bindings)
 
     async def delete(self, topology: Topology) -> None:
         async with self._scratch_channel() as channel:
@@ -633,17 +632,18 @@ async def _declare_exchange(channel: aiormq.abc.AbstractChannel, exchange: Excha
         ) from None
 
 
-async def _bind(channel: aiormq.abc.AbstractChannel, binding: Binding) -> None:
+async def _bind(
+    channel: aiormq.abc.AbstractChannel, binding: Binding, *, nowait: bool = False
+) -> None:
     arguments = dict(binding.arguments) or None
+    # Both take (destination, source, routing key).
+    bind = channel.exchange_bind if binding.destination_type == "exchange" else channel.queue_bind
+    where = (binding.destination, binding.source, binding.routing_key)
     try:
-        if binding.destination_type == "exchange":
-            await channel.exchange_bind(
-                binding.destination, binding.source, binding.routing_key, arguments=arguments
-            )
+        if nowait:
+            await bind(*where, nowait=True, arguments=arguments)
         else:
-            await channel.queue_bind(
-                binding.destination, binding.source, binding.routing_key, arguments=arguments
-            )
+            await bind(*where, arguments=arguments)
     except aiormq.exceptions.AMQPError as exc:
         how = f"routing key {binding.routing_key!r}"
         if binding.arguments:
@@ -651,6 +651,30 @@ async def _bind(channel: aiormq.abc.AbstractChannel, binding: Binding) -> None:
         raise TopologyError(
             f"cannot bind {binding.destination_type} {binding.destination!r} to exchange "
             f"{binding.source!r} with {how}: {_reply_text(exc)}"
+        ) from None
+
+
+async def _bind_all(channel: aiormq.abc.AbstractChannel, bindings: Sequence[Binding]) -> None:
+    """Make many bindings in one round trip: all but the last without waiting (nowait).
+
+    RabbitMQ handles a channel's methods in order, so the last binding's reply comes after
+    every other one was made; one that failed closes the channel, and the error (its reply
+    text names the exchange or queue) is raised at the last binding. The delay ladder has
+    hundreds of bindings: one round trip each took seconds on a busy broker.
+    """
+    if not bindings:
+        return
+    *first, last = bindings
+    try:
+        for binding in first:
+            await _bind(channel, binding, nowait=True)
+        await _bind(channel, last)
+    except TopologyError as exc:
+        if not first:
+            raise
+        raise TopologyError(
+            f"cannot make the {len(bindings)} bindings of exchanges "
+            f"{', '.join(sorted({b.source for b in bindings})[:3])}...: {exc}"
         ) from None
 
 

@@ -42,8 +42,16 @@ from tests.conftest import AppFactory, Probe, wait_for
 pytestmark = pytest.mark.anyio
 
 UNIT = 0.05  # seconds: the tests' delay_unit
-#: How late RabbitMQ may deliver past one unit on a busy machine: a few TTL hops, the worker.
-SLACK = 0.3
+
+
+def slack(app: Cuebx) -> float:
+    """How late a task may start past one unit: none in memory, whose clock is exact; on
+    RabbitMQ, a few TTL hops and the worker on a machine other test runs share. Lateness
+    itself is measured by benchmarks/delays.py; this catches gross errors (a message held,
+    or sent round the ladder twice)."""
+    return 0.0 if isinstance(app.broker, MemoryBroker) else 1.0
+
+
 #: Epoch seconds as floats are exact to about a quarter of a microsecond: "no earlier than
 #: due" is checked to the microsecond.
 EPS = 1e-6
@@ -123,14 +131,14 @@ async def test_countdown_and_eta_start_no_earlier_than_due_and_within_a_unit_aft
     assert ctx.headers[HEADER_ETA] >= int((before + 0.6) * 1000)
     assert at >= ctx.headers[HEADER_ETA] / 1000 - EPS  # never early
     assert at >= before + 0.6 - EPS
-    assert at <= after + 0.6 + UNIT + SLACK
+    assert at <= after + 0.6 + UNIT + slack(app)
     # The message kept its id, attempt and trace headers through every hop.
     assert (ctx.message_id, ctx.attempt, ctx.task_name) == (ann.id, 0, "remind")
     assert (ctx.headers["traceparent"], ctx.headers["tracestate"]) == (TRACE, "v=1")
     assert ctx.headers[HEADER_DELAY_TO] == queue
 
     at, ctx = started["bob"]
-    assert eta.timestamp() - EPS <= at <= eta.timestamp() + UNIT + SLACK
+    assert eta.timestamp() - EPS <= at <= eta.timestamp() + UNIT + slack(app)
     assert ctx.message_id == bob.id
 
 
@@ -156,12 +164,13 @@ async def test_a_hundred_random_delays_start_in_the_order_they_are_due(
             due[n] = before + countdown
         await wait_for(lambda: len(starts) == 100, timeout=20, what="100 delayed ticks")
 
-    assert all(at >= due[n] - EPS for n, at in starts), "a tick started before it was due"
-    assert all(at <= due[n] + UNIT + SLACK for n, at in starts)
+    lateness = sorted(at - due[n] for n, at in starts)
+    assert lateness[0] >= -EPS, "a tick started before it was due"
+    assert lateness[-1] <= UNIT + slack(app), f"lateness (s): {lateness[-5:]}"
     # Nothing started after a tick due more than a unit (and the slack) later than it.
     latest_due_so_far = 0.0
     for n, _ in starts:
-        assert due[n] >= latest_due_so_far - UNIT - SLACK
+        assert due[n] >= latest_due_so_far - UNIT - slack(app)
         latest_due_so_far = max(latest_due_so_far, due[n])
     assert sorted(n for n, _ in starts) == list(range(100))
 

@@ -106,11 +106,18 @@ async def test_the_ladder_is_declared_as_designed_classic_with_32_levels_and_quo
 
     [to_queue] = bound(f"{c}.5", f"{c}.5")
     assert to_queue["routing_key"] == ".".join(["*"] * 26 + ["1"] + ["*"] * 5)
+    # Straight to the next level a message waits in: digit 5 spent as 0, digit 4 is 1.
     [down] = bound(f"{c}.5", f"{c}.4")
     assert (down["destination_kind"], down["routing_key"]) == (
-        "exchange",
-        ".".join(["*"] * 26 + ["0"] + ["*"] * 5),
+        "queue",
+        ".".join(["*"] * 26 + ["0", "1"] + ["*"] * 4),
     )
+    [out] = bound(f"{c}.5", f"{c}.deliver")
+    assert (out["destination_kind"], out["routing_key"]) == (
+        "exchange",
+        ".".join(["*"] * 26 + ["0"] * 6),
+    )
+    assert len([b for b in bindings if b["source_name"] == f"{c}.31"]) == 33
     [deliver] = bound(f"{c}.deliver", f"{prefix}.emails")
     arguments = (
         {a[0]: a[-1] for a in deliver["arguments"]}

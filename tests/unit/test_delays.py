@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from cuebx import Cuebx, DelayError
+from cuebx.brokers.memory.exchanges import topic_matches
 from cuebx.delays import Delays, Ladder, due_us, now_us
 from cuebx.message import HEADER_DELAY_TO, HEADER_ETA, OutgoingMessage
 from cuebx.topology import Binding, ExchangeSpec, Topology
@@ -108,16 +109,63 @@ def test_the_topology_names_levels_after_the_exchange_with_one_ttl_each() -> Non
     assert SMALL.entry == "shop.delay.3"
 
 
-def test_each_level_keeps_its_digit_and_passes_the_rest_down() -> None:
+@pytest.mark.parametrize(
+    ("exchange", "patterns"),
+    [
+        # Exchange 3 (the top): the highest 1 decides the queue; all zeros go to deliver.
+        (
+            "shop.delay.3",
+            {
+                "1.*.*.*": "shop.delay.3",
+                "0.1.*.*": "shop.delay.2",
+                "0.0.1.*": "shop.delay.1",
+                "0.0.0.1": "shop.delay.0",
+                "0.0.0.0": "shop.delay.deliver",
+            },
+        ),
+        # Exchange 1: what comes from level 2 has digits 3 and 2 spent.
+        (
+            "shop.delay.1",
+            {"*.*.1.*": "shop.delay.1", "*.*.0.1": "shop.delay.0", "*.*.0.0": "shop.delay.deliver"},
+        ),
+        ("shop.delay.0", {"*.*.*.1": "shop.delay.0", "*.*.*.0": "shop.delay.deliver"}),
+    ],
+)
+def test_each_level_sends_a_message_straight_to_the_next_level_it_waits_in(
+    exchange: str, patterns: dict[str, str]
+) -> None:
+    bindings = [b for b in SMALL.topology().bindings if b.source == exchange]
+    assert {b.routing_key: b.destination for b in bindings} == patterns
+    assert all(
+        b.destination_type == ("exchange" if b.destination == "shop.delay.deliver" else "queue")
+        for b in bindings
+    )
+
+
+@pytest.mark.parametrize("units", range(16))
+def test_every_delay_is_routed_through_the_levels_of_its_set_bits_by_those_patterns(
+    units: int,
+) -> None:
+    """Walk the bindings as RabbitMQ would: publish to the top, dead-letter down."""
+    bindings = SMALL.topology().bindings
+    key = SMALL.routing_key(units)
+    visited = []
+    exchange = SMALL.entry
+    while exchange != SMALL.deliver:
+        [binding] = [
+            b for b in bindings if b.source == exchange and topic_matches(b.routing_key, key)
+        ]
+        if binding.destination_type == "exchange":
+            exchange = binding.destination
+            continue
+        level = int(binding.destination.rsplit(".", 1)[1])
+        visited.append(level)
+        exchange = SMALL.topology().queue(binding.destination).arguments["x-dead-letter-exchange"]
+    assert tuple(visited) == SMALL.hops(units)
+
+
+def test_the_deliver_exchange_matches_each_queue_exactly_and_the_unroutable_catch_all() -> None:
     bindings = list(SMALL.topology(["emails", "x.emails"]).bindings)
-    assert Binding("shop.delay.1", "shop.delay.1", "*.*.1.*") in bindings
-    assert (
-        Binding("shop.delay.1", "shop.delay.0", "*.*.0.*", destination_type="exchange") in bindings
-    )
-    assert (
-        Binding("shop.delay.0", "shop.delay.deliver", "*.*.*.0", destination_type="exchange")
-        in bindings
-    )
     assert Binding("shop.delay.unroutable", "shop.delay.unroutable") in bindings
     # An exact header match per queue: x.emails never takes the messages of emails.
     assert (
@@ -134,7 +182,8 @@ def test_each_level_keeps_its_digit_and_passes_the_rest_down() -> None:
         )
         in bindings
     )
-    assert len(bindings) == 1 + 2 * 4 + 2
+    # One to the unroutable queue, k + 2 from each exchange k, one per destination.
+    assert len(bindings) == 1 + (2 + 3 + 4 + 5) + 2
 
 
 def test_quorum_levels_dead_letter_at_least_once() -> None:
