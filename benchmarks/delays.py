@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/delays.py [--n 10000] [--spread 60] [--publish-n 5000]
                                           [--repeats 3] [--quick] [--url amqp://...]
+                                          [--node rabbit@localhost]
 
 - **lateness**: `n` tasks with countdowns drawn uniformly from 0-`spread` seconds, published
   by 100 concurrent callers, run by one ``cuebx worker`` subprocess (prefetch 100). Each
@@ -71,6 +72,7 @@ class Config:
     spread: float
     publish_n: int
     repeats: int
+    node: str | None = None
 
 
 @dataclass
@@ -94,10 +96,11 @@ class Results:
 # -- the broker's process ---------------------------------------------------------------------
 
 
-def beam_pid() -> int:
+def beam_pid(node: str | None) -> int:
     """The OS pid of the RabbitMQ node the benchmark talks to (``rabbitmqctl eval``)."""
+    where = ["-n", node] if node else []
     out = subprocess.run(
-        ["rabbitmqctl", "eval", "os:getpid()."], capture_output=True, text=True, timeout=60
+        ["rabbitmqctl", *where, "eval", "os:getpid()."], capture_output=True, text=True, timeout=60
     ).stdout
     match = re.search(r"\d+", out)
     if match is None:
@@ -291,7 +294,7 @@ async def main_async(config: Config) -> Results:
     rabbit = await Rabbit.connect(config.url, f"cuebx delay benchmark {prefix}")
     app = build_app(prefix, collector.address, url=config.url)
     results = Results()
-    beam = beam_pid()
+    beam = beam_pid(config.node)
     results.unit_ms = app.delays.ladder.unit_ms
     child: Child | None = None
     try:
@@ -432,6 +435,9 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--url", default=os.environ.get("CUEBX_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
+    parser.add_argument(
+        "--node", help="the RabbitMQ node behind --url, for its CPU (rabbitmqctl -n); its default"
+    )
     options = parser.parse_args(argv)
     quick = options.quick
     config = Config(
@@ -440,6 +446,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
         spread=options.spread or (10.0 if quick else 60.0),
         publish_n=options.publish_n or (1000 if quick else 5000),
         repeats=options.repeats or (1 if quick else 3),
+        node=options.node,
     )
     if config.n < 10 or config.publish_n < 100 or config.repeats < 1 or config.spread <= 0:
         parser.error("--n >= 10, --publish-n >= 100, --repeats >= 1, --spread > 0")

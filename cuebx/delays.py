@@ -3,24 +3,24 @@
 A delayed message is never held by a sleeping publisher or by a worker: it waits in
 ordinary durable queues whose TTLs add up to its delay. For an app exchange ``E``, with
 ``delay_levels`` L and ``delay_unit`` u, level k (0 ≤ k < L) is a topic exchange and a queue,
-both named ``E.delay.<k>``; the queue's TTL is ``u·2^k``. A message delayed by d units has d
-in binary, L digits, most significant first, as its routing key (L=4, d=5: ``0.1.0.1``), and
-the header ``cuebx-delay-to: Q``. It is published into the top exchange, L-1::
+both named ``E.delay.<k>``; the queue's TTL is ``u·2^k`` and it dead-letters to exchange k-1
+(level 0 to the deliver exchange). A message delayed by d units has d in binary, L digits,
+most significant first, as its routing key (L=4, d=5: ``0.1.0.1``), and the header
+``cuebx-delay-to: Q``. It is published to the entry, a headers exchange that sends it to the
+level of its highest 1 by its ``cuebx-delay-level`` header. From there, exchange k looks at
+digits k..0: it sends the message straight to the queue of the highest 1 among them, or to
+the deliver exchange when they are all 0::
 
-    exchange E.delay.3 ──digit 3 is 1──▶ queue E.delay.3 (TTL 8u) ──TTL over──┐
-        │ digit 3 is 0                                                        │ dead-lettered,
-        ▼                                                                     │ same key
-    exchange E.delay.2 ◀──────────────────────────────────────────────────────┘
-        ...  (the same at every level)
-    exchange E.delay.0 ─▶ exchange E.delay.deliver (headers: cuebx-delay-to = Q) ─▶ queue Q
-                                  │ no queue matches (Q was deleted)
-                                  ▼ alternate exchange E.delay.unroutable (fanout)
-                               queue E.delay.unroutable
+    publish 0.1.0.1 ─▶ exchange E.delay.enter ─▶ queue E.delay.2 (TTL 4u) ─▶ exchange E.delay.1
+        ─▶ queue E.delay.0 (TTL 1u) ─▶ exchange E.delay.deliver (headers) ─▶ queue Q
+                                          │ no queue matches (Q was deleted)
+                                          ▼ alternate exchange E.delay.unroutable (fanout)
+                                       queue E.delay.unroutable
 
-So ``0.1.0.1`` waits 4u in level 2, then 1u in level 0: five units, in two hops; a delay of
-ten minutes at 100 ms has at most 13. Each level queue holds messages of one TTL only, so
-they expire in the order they came, and RabbitMQ, which expires from the head of a queue
-only, never holds a short delay behind a long one.
+So ``0.1.0.1`` waits 4u in level 2, then 1u in level 0: five units, in two hops, each through
+one exchange; a delay of ten minutes at 100 ms has at most 13 hops. Each level queue holds
+messages of one TTL only, so they expire in the order they came, and RabbitMQ, which expires
+from the head of a queue only, never holds a short delay behind a long one.
 
 This module has the pure part (`Ladder`: names, arguments, routing keys, the topology) and
 the publish side (`Delays`: the ladder declared once per broker, then routed into), used by
@@ -43,6 +43,7 @@ from cuebx.durations import Duration, label, to_ms
 from cuebx.errors import DelayError
 from cuebx.message import (
     BROKER_HEADERS,
+    HEADER_DELAY_LEVEL,
     HEADER_DELAY_TO,
     HEADER_ETA,
     HEADER_REDELIVERIES,
@@ -96,8 +97,14 @@ class Ladder:
 
     @property
     def entry(self) -> str:
-        """The exchange delayed messages are published to: the top level's."""
-        return self.level(self.levels - 1)
+        """The headers exchange delayed messages are published to.
+
+        It sends each one straight to the first level it waits in, by its
+        ``cuebx-delay-level`` header: matching a header costs RabbitMQ a fraction of
+        matching a routing key of `levels` words in a topic exchange, and this match is on
+        the publisher's path.
+        """
+        return f"{self.exchange}.delay.enter"
 
     @property
     def deliver(self) -> str:
@@ -173,25 +180,34 @@ class Ladder:
         units = min(self.units(due_us, now_us), self.max_units)
         if units == 0:
             return "", destination, message
-        return self.entry, self.routing_key(units), self.stamp(message, destination, due_us)
+        stamped = self.stamp(message, destination, due_us, units)
+        return self.entry, self.routing_key(units), stamped
 
     @staticmethod
-    def stamp(message: OutgoingMessage, destination: str, due_us: int) -> OutgoingMessage:
+    def stamp(
+        message: OutgoingMessage, destination: str, due_us: int, units: int
+    ) -> OutgoingMessage:
         """Copy `message` with its delay headers, leaving broker-added headers behind."""
         headers = {k: v for k, v in message.headers.items() if k not in _LEFT_BEHIND}
         # In whole ms, floored: the eta never lies after the moment the ladder delivers it.
         headers[HEADER_ETA] = due_us // 1000
         headers[HEADER_DELAY_TO] = destination
+        headers[HEADER_DELAY_LEVEL] = units.bit_length() - 1
         return replace(message, headers=headers)
 
     # -- topology ---------------------------------------------------------------------------
 
     def topology(self, destinations: Iterable[str] = ()) -> Topology:
-        """Everything the ladder declares, with a deliver binding for each destination queue."""
+        """Everything the ladder declares, with a deliver binding for each destination queue.
+
+        Level k's exchange takes what leaves level k+1, so the top level has a queue but no
+        exchange: messages enter the ladder through `entry`.
+        """
         exchanges = [
             ExchangeSpec(self.unroutable, "fanout"),
             ExchangeSpec(self.deliver, "headers", {"alternate-exchange": self.unroutable}),
-            *(ExchangeSpec(self.level(k), "topic") for k in range(self.levels)),
+            *(ExchangeSpec(self.level(k), "topic") for k in range(self.levels - 1)),
+            ExchangeSpec(self.entry, "headers"),
         ]
         queues = [
             QueueSpec(self.unroutable, "unroutable", self._type_arguments(), self.queue_type),
@@ -201,8 +217,12 @@ class Ladder:
             ),
         ]
         bindings = [Binding(self.unroutable, self.unroutable)]
-        for k in range(self.levels):
+        for k in range(self.levels - 1):
             bindings += self._level_bindings(k)
+        bindings += [
+            Binding(self.entry, self.level(k), arguments={"x-match": "all", HEADER_DELAY_LEVEL: k})
+            for k in range(self.levels)
+        ]
         return Topology(
             self.exchange,
             tuple(queues),

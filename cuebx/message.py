@@ -22,6 +22,7 @@ __all__ = [
     "CONTENT_TYPES",
     "ERROR_LIMIT",
     "HEADER_ATTEMPT",
+    "HEADER_DELAY_LEVEL",
     "HEADER_DELAY_TO",
     "HEADER_ERROR",
     "HEADER_ERROR_TYPE",
@@ -61,6 +62,9 @@ HEADER_ETA = "x-cuebx-eta"
 #: exchange matches on it, and RabbitMQ leaves headers starting with ``x-`` out of such
 #: matches: hence no ``x-`` here.
 HEADER_DELAY_TO = "cuebx-delay-to"
+#: The level of the ladder a delayed message waits in first (the highest 1 of its delay in
+#: binary): the ladder's entry, a headers exchange, routes on it.
+HEADER_DELAY_LEVEL = "cuebx-delay-level"
 
 #: Headers RabbitMQ sets when it dead-letters or redelivers a message. A copy cuebx
 #: publishes is a new message: carrying them over would let RabbitMQ's dead-letter cycle
@@ -203,7 +207,7 @@ def header_count(value: Any) -> int:
     return 0
 
 
-_LEFT_BEHIND = frozenset({HEADER_REDELIVERIES, HEADER_ETA, HEADER_DELAY_TO})
+_LEFT_BEHIND = frozenset({HEADER_REDELIVERIES, HEADER_ETA, HEADER_DELAY_TO, HEADER_DELAY_LEVEL})
 
 
 def eta_of(headers: Mapping[str, Any]) -> int | None:

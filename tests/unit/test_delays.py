@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from cuebx import Cuebx, DelayError
-from cuebx.brokers.memory.exchanges import topic_matches
+from cuebx.brokers.memory.exchanges import headers_match, topic_matches
 from cuebx.delays import Delays, Ladder, due_us, now_us
 from cuebx.message import HEADER_DELAY_TO, HEADER_ETA, OutgoingMessage
 from cuebx.topology import Binding, ExchangeSpec, Topology
@@ -101,26 +101,27 @@ def test_the_topology_names_levels_after_the_exchange_with_one_ttl_each() -> Non
         ExchangeSpec(
             "shop.delay.deliver", "headers", {"alternate-exchange": "shop.delay.unroutable"}
         ),
+        # Exchange k takes what leaves level k+1: the top level needs none.
         ExchangeSpec("shop.delay.0", "topic"),
         ExchangeSpec("shop.delay.1", "topic"),
         ExchangeSpec("shop.delay.2", "topic"),
-        ExchangeSpec("shop.delay.3", "topic"),
+        ExchangeSpec("shop.delay.enter", "headers"),
     )
-    assert SMALL.entry == "shop.delay.3"
+    assert SMALL.entry == "shop.delay.enter"
 
 
 @pytest.mark.parametrize(
     ("exchange", "patterns"),
     [
-        # Exchange 3 (the top): the highest 1 decides the queue; all zeros go to deliver.
+        # Exchange 2 takes what leaves level 3: the highest 1 decides the queue; all zeros
+        # go to the deliver exchange.
         (
-            "shop.delay.3",
+            "shop.delay.2",
             {
-                "1.*.*.*": "shop.delay.3",
-                "0.1.*.*": "shop.delay.2",
-                "0.0.1.*": "shop.delay.1",
-                "0.0.0.1": "shop.delay.0",
-                "0.0.0.0": "shop.delay.deliver",
+                "*.1.*.*": "shop.delay.2",
+                "*.0.1.*": "shop.delay.1",
+                "*.0.0.1": "shop.delay.0",
+                "*.0.0.0": "shop.delay.deliver",
             },
         ),
         # Exchange 1: what comes from level 2 has digits 3 and 2 spent.
@@ -142,25 +143,47 @@ def test_each_level_sends_a_message_straight_to_the_next_level_it_waits_in(
     )
 
 
-@pytest.mark.parametrize("units", range(16))
-def test_every_delay_is_routed_through_the_levels_of_its_set_bits_by_those_patterns(
+def test_the_entry_sends_a_message_to_its_first_level_by_its_level_header() -> None:
+    entry = [b for b in SMALL.topology().bindings if b.source == "shop.delay.enter"]
+    assert entry == [
+        Binding(
+            "shop.delay.enter",
+            f"shop.delay.{k}",
+            arguments={"x-match": "all", "cuebx-delay-level": k},
+        )
+        for k in range(4)
+    ]
+    for units, level in ((1, 0), (5, 2), (8, 3), (15, 3)):
+        _, _, copy = SMALL.prepare(message({}), "q", due_us=units * 100_000, now_us=0)
+        assert copy.headers["cuebx-delay-level"] == level
+
+
+@pytest.mark.parametrize("units", range(1, 16))
+def test_every_delay_is_routed_through_the_levels_of_its_set_bits_by_those_bindings(
     units: int,
 ) -> None:
-    """Walk the bindings as RabbitMQ would: publish to the top, dead-letter down."""
-    bindings = SMALL.topology().bindings
-    key = SMALL.routing_key(units)
+    """Walk the bindings as RabbitMQ would: publish to the entry, dead-letter down."""
+    topology = SMALL.topology()
+    exchanges = {x.name: x.type for x in topology.exchanges}
+    exchange, key, copy = SMALL.prepare(message({}), "q", due_us=units * 100_000, now_us=0)
     visited = []
-    exchange = SMALL.entry
     while exchange != SMALL.deliver:
         [binding] = [
-            b for b in bindings if b.source == exchange and topic_matches(b.routing_key, key)
+            b
+            for b in topology.bindings
+            if b.source == exchange
+            and (
+                headers_match(b.arguments, copy.headers)
+                if exchanges[exchange] == "headers"
+                else topic_matches(b.routing_key, key)
+            )
         ]
         if binding.destination_type == "exchange":
             exchange = binding.destination
             continue
         level = int(binding.destination.rsplit(".", 1)[1])
         visited.append(level)
-        exchange = SMALL.topology().queue(binding.destination).arguments["x-dead-letter-exchange"]
+        exchange = topology.queue(binding.destination).arguments["x-dead-letter-exchange"]
     assert tuple(visited) == SMALL.hops(units)
 
 
@@ -182,8 +205,9 @@ def test_the_deliver_exchange_matches_each_queue_exactly_and_the_unroutable_catc
         )
         in bindings
     )
-    # One to the unroutable queue, k + 2 from each exchange k, one per destination.
-    assert len(bindings) == 1 + (2 + 3 + 4 + 5) + 2
+    # One to the unroutable queue, k + 2 from exchange k (0..2), one per level from the
+    # entry, one per destination.
+    assert len(bindings) == 1 + (2 + 3 + 4) + 4 + 2
 
 
 def test_quorum_levels_dead_letter_at_least_once() -> None:
@@ -224,7 +248,7 @@ def test_a_delayed_copy_keeps_id_attempt_and_trace_headers_and_leaves_broker_one
         }
     )
     exchange, key, copy = SMALL.prepare(original, "emails", due_us=10_250_700, now_us=10_000_000)
-    assert (exchange, key) == ("shop.delay.3", "0.0.1.1")
+    assert (exchange, key) == ("shop.delay.enter", "0.0.1.1")
     assert copy.headers == {
         "x-cuebx-task": "remind",
         "x-retry-attempt": 2,
@@ -233,6 +257,7 @@ def test_a_delayed_copy_keeps_id_attempt_and_trace_headers_and_leaves_broker_one
         "tenant": "a",
         HEADER_ETA: 10_250,  # whole ms, floored: never after the ladder delivers it
         HEADER_DELAY_TO: "emails",
+        "cuebx-delay-level": 1,  # 3 units: its first level is 1
     }
     assert (copy.body, copy.message_id, copy.correlation_id, copy.priority) == (
         original.body,
@@ -244,7 +269,7 @@ def test_a_delayed_copy_keeps_id_attempt_and_trace_headers_and_leaves_broker_one
 
 def test_a_delay_beyond_the_span_goes_down_for_the_longest_and_nothing_due_goes_straight() -> None:
     exchange, key, copy = SMALL.prepare(message({}), "emails", due_us=99_000_000, now_us=0)
-    assert (exchange, key, copy.headers[HEADER_ETA]) == ("shop.delay.3", "1.1.1.1", 99_000)
+    assert (exchange, key, copy.headers[HEADER_ETA]) == ("shop.delay.enter", "1.1.1.1", 99_000)
     original = message({"x-death": []})
     assert SMALL.prepare(original, "emails", due_us=5, now_us=10) == ("", "emails", original)
 
