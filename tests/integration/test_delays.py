@@ -26,6 +26,8 @@ from cuebx import (
     Middleware,
     Outcome,
     Postpone,
+    Publish,
+    PublishError,
     Received,
     Retry,
     TaskContext,
@@ -428,3 +430,79 @@ def test_the_delays_example_runs_on_its_own_in_next_to_no_time() -> None:
         "reminder for user 42: your trial ends tomorrow",
         "reminder for user 42: good morning",
     ]
+
+
+async def test_a_ladder_deleted_under_a_running_app_is_declared_again_on_next_use() -> None:
+    app = Cuebx("memory://", delay_levels=8)
+    ran: list[tuple[int, int]] = []
+
+    @app.task(queue="reminders")
+    async def remind(ctx: TaskContext, n: int) -> None:
+        ran.append((n, ctx.attempt))
+        if n == 3 and len(ran) < 5:
+            raise Retry("again", delay="1s")
+
+    async with running(app):
+        await remind.apply_async(args=(1,), countdown=1)
+        await drain(app)
+        await app.broker.delete(app.delays.topology())  # an operator deleted it
+        with pytest.raises(PublishError, match="does not exist"):
+            await remind.apply_async(args=(2,), countdown=1)
+        await remind.apply_async(args=(2,), countdown=1)  # declared again
+        await drain(app)
+        await app.broker.delete(app.delays.topology())
+        # The worker's Retry(delay=) cannot move the message into the deleted ladder: the
+        # message is requeued, not lost, and the next Retry(delay=) declares it again.
+        await remind.delay(3)
+        await drain(app)
+    assert ran == [(1, 0), (2, 0), (3, 0), (3, 0), (3, 1)]
+
+
+async def test_a_worker_that_cannot_declare_the_ladder_requeues_the_message(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = Cuebx("memory://", delivery_limit=3)
+    other = Cuebx("memory://", delay_unit="1s", broker=app.broker)  # same exchange, other unit
+
+    @other.task(queue="elsewhere")
+    async def elsewhere() -> None: ...
+
+    attempts: list[int] = []
+
+    @app.task(queue="reminders")
+    async def remind(ctx: TaskContext) -> None:
+        attempts.append(ctx.attempt)
+        raise Retry("later", delay="1s")
+
+    await elsewhere.apply_async(countdown=5)  # the ladder exists, with 1 s levels
+    async with running(app):
+        await remind.delay()
+        await drain(app)
+    [dead] = await dead_letters(app, "reminders")
+    # Never lost: requeued each time, until the redelivery limit dead-letters it.
+    assert dead.reason == "delivery-limit"
+    assert attempts == [0, 0, 0]
+    assert "cannot declare the delay ladder to move message" in caplog.text
+    await other.close()
+
+
+async def test_publish_hooks_see_the_ladder_and_their_headers_reach_the_handler() -> None:
+    seen: list[tuple[str, str]] = []
+
+    class Trace(Middleware):
+        async def before_publish(self, publish: Publish) -> None:
+            seen.append((publish.exchange, publish.routing_key))
+            publish.headers["traceparent"] = TRACE
+
+    app = Cuebx("memory://", delay_levels=4, middleware=[Trace()])
+    got: list[str] = []
+
+    @app.task(queue="reminders")
+    async def remind(ctx: TaskContext) -> None:
+        got.append(ctx.headers["traceparent"])
+
+    async with running(app):
+        await remind.apply_async(countdown=0.5)
+        await drain(app)
+    assert seen == [("cuebx.delay.enter", "0.1.0.1")]
+    assert got == [TRACE]
