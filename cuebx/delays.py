@@ -171,11 +171,12 @@ class Ladder:
         """Route a message to `destination` through the ladder: (exchange, key, message).
 
         The message is stamped with ``x-cuebx-eta`` (the due time, in whole epoch ms),
-        ``cuebx-delay-to`` and ``cuebx-delay-level`` (its first level); headers RabbitMQ added (``x-death``...) and a redelivery count are
-        left behind, since each would grow or trip RabbitMQ's dead-letter cycle detection. A
-        delay beyond the ladder's span goes down it for the longest delay: the worker that
-        gets it early sends it down again (see `cuebx.policy.admit`). Nothing to wait for:
-        straight to `destination` through the default exchange.
+        ``cuebx-delay-to`` and ``cuebx-delay-level`` (its first level); headers RabbitMQ
+        added (``x-death``...) and a redelivery count are left behind, since each would grow
+        or trip RabbitMQ's dead-letter cycle detection. A delay beyond the ladder's span
+        goes down it for the longest delay: the worker that gets it early sends it down
+        again (see `cuebx.policy.admit`). Nothing to wait for: straight to `destination`
+        through the default exchange.
         """
         units = min(self.units(due_us, now_us), self.max_units)
         if units == 0:
