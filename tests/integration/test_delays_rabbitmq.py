@@ -140,12 +140,10 @@ class QuickRetryNode(RabbitNode):
     """
 
     def environment(self) -> dict[str, str]:
+        # Written each time the node is started: whatever else wrote one, this one counts.
         advanced = self.base / "advanced.config"
-        if not advanced.exists():
-            advanced.write_text(
-                "[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 1000}]}].\n"
-            )
-            advanced.chmod(0o644)
+        advanced.write_text("[{rabbit, [{dead_letter_worker_publisher_confirm_timeout, 1000}]}].\n")
+        advanced.chmod(0o644)
         return {**super().environment(), "RABBITMQ_ADVANCED_CONFIG_FILE": str(advanced)}
 
 
