@@ -14,7 +14,14 @@ Queues (all under the run's prefix, which is also the exchange name):
   benchmark.
 
 With ``CUEBX_BENCH_PLUGIN=1`` the app has `NoOpPlugin` installed: the "plugin" side of the
-benchmark, which shows what the extension seam costs when a plug-in is there.
+benchmark, which shows what the extension seam costs when a plug-in is there. With
+``CUEBX_BENCH_PLUGIN_KIND=metrics`` in the runner's environment as well, the plugin side has
+``cuebx.metrics.PrometheusMetrics`` instead: what metrics cost per task.
+With ``CUEBX_BENCH_STORE=<url>`` it records task status in that store (``benchmarks/results.py``).
+
+With ``CUEBX_BENCH_SCHEDULER=N`` (set in the runner's environment, so every cuebx side has it)
+the app has N periodic jobs firing every second into ``<prefix>.scheduled``: compare a run
+with it to one without to see what carrying the scheduler costs a worker's drain rate.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from wire import (
     DATAGRAM,
     ENV_PLUGIN,
     ENV_PREFIX,
+    ENV_SCHEDULER,
     ENV_UDP,
     enqueue_queue,
     idle_queues,
@@ -37,6 +45,9 @@ from wire import (
 )
 
 from cuebx import Cuebx, Middleware, Outcome, Publish, Received
+
+#: "metrics": the plug-in side installs the Prometheus middleware instead of the no-op one.
+ENV_PLUGIN_KIND = "CUEBX_BENCH_PLUGIN_KIND"
 
 if TYPE_CHECKING:
     from cuebx.message import DeadLetterReason
@@ -63,6 +74,9 @@ class NoOpPlugin(Middleware):
         return None
 
     async def on_worker_stop(self, worker: WorkerView) -> None:
+        return None
+
+    async def serve(self, worker: WorkerView) -> None:
         return None
 
     async def before_handler(self, received: Received) -> None:
@@ -93,18 +107,35 @@ def _check_every_hook_overridden() -> None:
         raise RuntimeError(f"bench_app.NoOpPlugin does not override {', '.join(missing)}")
 
 
-def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = False) -> Cuebx:
+def build_app(
+    prefix: str,
+    udp: str,
+    *,
+    url: str | None = None,
+    plugin: bool = False,
+    store: str | None = None,
+) -> Cuebx:
     """Build the benchmark app for one run: its exchange and queues are named by `prefix`.
 
     With `plugin`, `NoOpPlugin` is installed: same tasks, same queues, every hook called.
     """
-    if plugin:
+    middleware: list[Middleware] = []
+    if plugin and os.environ.get(ENV_PLUGIN_KIND) == "metrics":
+        from prometheus_client import CollectorRegistry
+
+        from cuebx.metrics import PrometheusMetrics
+
+        middleware.append(PrometheusMetrics(CollectorRegistry()))
+    elif plugin:
         _check_every_hook_overridden()
+        middleware.append(NoOpPlugin())
     app = Cuebx(
         url,
         exchange=prefix,
-        connection_name=f"cuebx benchmark {prefix}" + (" (no-op plug-in)" if plugin else ""),
-        middleware=[NoOpPlugin()] if plugin else (),
+        connection_name=f"cuebx benchmark {prefix}"
+        + (f" ({type(middleware[0]).__name__})" if middleware else ""),
+        middleware=middleware,
+        store=store or None,
     )
     address = parse_address(udp)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -126,6 +157,16 @@ def build_app(prefix: str, udp: str, *, url: str | None = None, plugin: bool = F
             return None
 
         app.task(queue=queue, name=f"idle{k}")(idle)
+
+    jobs = int(os.environ.get(ENV_SCHEDULER) or 0)
+    if jobs:
+
+        @app.task(queue=f"{prefix}.scheduled")
+        async def scheduled() -> None:
+            return None
+
+        for k in range(jobs):
+            app.schedule(scheduled, every="1s", name=f"job{k}")
     return app
 
 
@@ -135,4 +176,5 @@ app = build_app(
     os.environ.get(ENV_PREFIX, "bench.unset"),
     os.environ.get(ENV_UDP, "127.0.0.1:9"),
     plugin=os.environ.get(ENV_PLUGIN) == "1",
+    store=os.environ.get("CUEBX_BENCH_STORE"),
 )

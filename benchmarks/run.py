@@ -563,7 +563,8 @@ async def main_async(config: Config) -> Bench:
                 await within(30, f"closing the {side} app", app.close())
         if floor is not None:
             await floor.close()
-        queues = [q.name for q in apps["cuebx"].topology().queues]
+        cuebx = apps["cuebx"]
+        queues = [q.name for q in (*cuebx.topology().queues, *cuebx.scheduler.topology().queues)]
         failed = await rabbit.delete(queues, prefix)
         await rabbit.close()
         collector.stop()

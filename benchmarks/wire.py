@@ -12,6 +12,7 @@ __all__ = [
     "DATAGRAM",
     "ENV_PLUGIN",
     "ENV_PREFIX",
+    "ENV_SCHEDULER",
     "ENV_UDP",
     "IDLE_QUEUES",
     "enqueue_queue",
@@ -24,6 +25,9 @@ ENV_PREFIX = "CUEBX_BENCH_PREFIX"
 ENV_UDP = "CUEBX_BENCH_UDP"
 #: "1": the worker's app has the no-op plug-in (``bench_app.NoOpPlugin``) installed.
 ENV_PLUGIN = "CUEBX_BENCH_PLUGIN"
+#: "N": the worker's app carries a scheduler with N periodic jobs, each firing every second into
+#: ``<prefix>.scheduled`` (not consumed), to show what the scheduler costs a draining worker.
+ENV_SCHEDULER = "CUEBX_BENCH_SCHEDULER"
 IDLE_QUEUES = 10
 
 #: One datagram per handled message: the task's ``i``, its ``sent`` argument (the publish

@@ -3,10 +3,13 @@
 from cuebx.app import Cuebx
 from cuebx.context import TaskContext, current_context
 from cuebx.errors import (
+    AppNotFoundError,
     ArgumentsError,
     BatchPublishError,
     BrokerError,
     BrokerUnavailableError,
+    CallInterruptedError,
+    CallTimeoutError,
     ConfigurationError,
     CuebxError,
     DelayError,
@@ -14,29 +17,40 @@ from cuebx.errors import (
     PublishError,
     PublishTimeoutError,
     Reject,
+    ResultTimeoutError,
     Retry,
+    StoreError,
+    StoreUnavailableError,
+    TaskFailed,
     TaskSignal,
     TopologyConflictError,
     TopologyError,
     UnroutableError,
 )
+from cuebx.idempotency import Idempotency
 from cuebx.middleware import Middleware, Outcome, Postpone, Publish, Received, Skip
 from cuebx.settings import Settings
+from cuebx.status import TaskState, TaskStatus
+from cuebx.stores import Store
 from cuebx.task import Task, TaskHandle
 from cuebx.worker import Worker
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AppNotFoundError",
     "ArgumentsError",
     "BatchPublishError",
     "BrokerError",
     "BrokerUnavailableError",
+    "CallInterruptedError",
+    "CallTimeoutError",
     "ConfigurationError",
     "Cuebx",
     "CuebxError",
     "DelayError",
     "DuplicateTaskError",
+    "Idempotency",
     "Middleware",
     "Outcome",
     "Postpone",
@@ -45,13 +59,20 @@ __all__ = [
     "PublishTimeoutError",
     "Received",
     "Reject",
+    "ResultTimeoutError",
     "Retry",
     "Settings",
     "Skip",
+    "Store",
+    "StoreError",
+    "StoreUnavailableError",
     "Task",
     "TaskContext",
+    "TaskFailed",
     "TaskHandle",
     "TaskSignal",
+    "TaskState",
+    "TaskStatus",
     "TopologyConflictError",
     "TopologyError",
     "UnroutableError",

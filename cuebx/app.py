@@ -6,7 +6,9 @@ in middleware (`cuebx.middleware`); the app wires them to one broker and one top
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import inspect
+import logging
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, overload
 
@@ -16,16 +18,25 @@ from cuebx.brokers.base import Broker, broker_for_url, mask_url
 from cuebx.context import TaskContext
 from cuebx.delays import Delays, Ladder
 from cuebx.durations import Duration
-from cuebx.errors import ConfigurationError, DuplicateTaskError
+from cuebx.errors import ConfigurationError, DuplicateTaskError, StoreError
+from cuebx.idempotency import Idempotency
 from cuebx.middleware import Middleware, Stack
+from cuebx.ops.dlq import DeadLetters
 from cuebx.policy import RetrySpec
 from cuebx.publisher import Publisher
+from cuebx.results import Results
+from cuebx.rpc import Caller, Replier
+from cuebx.scheduling import Job, Misfire, Overlap, Scheduler
 from cuebx.settings import Settings, check_seconds
-from cuebx.task import TASK_OPTIONS, Task, TaskOptions
+from cuebx.status import TaskStatus
+from cuebx.stores.base import Store, store_for_url
+from cuebx.task import TASK_OPTIONS, AsyncTask, Task, TaskHandle, TaskOptions
 from cuebx.topology import QueueType, Topology, plan
 from cuebx.worker import Worker
 
 __all__ = ["Cuebx"]
+
+logger = logging.getLogger("cuebx.app")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -39,6 +50,12 @@ class TaskDecorator:
         self._options = options
 
     @overload
+    def __call__(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]]
+    ) -> AsyncTask[P, R]: ...
+    @overload
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> AsyncTask[P, R]: ...
+    @overload
     def __call__(self, fn: Callable[Concatenate[TaskContext, P], R]) -> Task[P, R]: ...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Task[P, R]: ...
@@ -46,12 +63,30 @@ class TaskDecorator:
         return self._app._register(fn, **self._options)
 
 
+class PeriodicDecorator:
+    """What ``@app.periodic(...)`` returns: registers the task, then its schedule."""
+
+    def __init__(self, app: Cuebx, schedule: dict[str, Any], options: dict[str, Any]) -> None:
+        self._app = app
+        self._schedule = schedule
+        self._options = options
+
+    @overload
+    def __call__(self, fn: Callable[[TaskContext], R]) -> Task[[], R]: ...
+    @overload
+    def __call__(self, fn: Callable[[], R]) -> Task[[], R]: ...
+    def __call__(self, fn: Callable[..., Any]) -> Task[Any, Any]:
+        return self._app._register_periodic(fn, self._schedule, self._options)
+
+
 class Cuebx:
     """A cuebx application: the tasks, the broker they live on, and their topology.
 
     Args:
         url: broker URL; else ``CUEBX_BROKER_URL``; else ``amqp://guest:guest@localhost:5672/``.
-            ``memory://`` runs everything in process (for tests).
+            ``memory://`` runs everything in process (for tests). Several URLs (a list, or
+            one string with commas, as ``CUEBX_BROKER_URL`` takes them) name the nodes of a
+            RabbitMQ cluster: a lost connection moves to the next node that answers.
         exchange: the direct exchange tasks are published to.
         queue_type: ``"classic"`` or ``"quorum"``, for queues whose tasks do not say.
         serializer: ``"json"`` (default) or ``"msgpack"``.
@@ -78,6 +113,12 @@ class Cuebx:
             `cuebx.Middleware`); more can be added with `add_middleware`.
         broker: a broker object to use instead of the one `url` names (a test's own
             `MemoryBroker`, say); see also `use_broker`.
+        store: where task states, results and idempotency keys live: a URL
+            (``"redis://localhost:6379/0"`` with ``cuebx[redis]``,
+            ``"postgresql://..."`` with ``cuebx[postgres]``, ``"memory://"``) or a
+            `cuebx.stores.Store`. None: no status, no results, no idempotency.
+        result_ttl: how long a task's state and result are kept after its last change.
+        call_timeout: how long `Task.call` waits for a reply unless told otherwise.
 
     Raises:
         ConfigurationError: an option is invalid; the message names it.
@@ -85,7 +126,7 @@ class Cuebx:
 
     def __init__(
         self,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         exchange: str = "cuebx",
         queue_type: QueueType = "classic",
@@ -103,6 +144,9 @@ class Cuebx:
         delay_levels: int = 32,
         middleware: Iterable[Middleware] = (),
         broker: Broker | None = None,
+        store: str | Store | None = None,
+        result_ttl: Duration = "1d",
+        call_timeout: Duration = "30s",
     ) -> None:
         self.settings = Settings.build(
             url,
@@ -127,18 +171,46 @@ class Cuebx:
         self.delays = Delays(
             Ladder.of(self.settings), lambda: [q.name for q in self.topology().main_queues]
         )
-        self.publisher = Publisher(self, self.settings, self.middleware, delays=self.delays)
+        self.store: Store | None = store_for_url(store) if isinstance(store, str) else store
+        self.results: Results | None = None
+        # The replier first, so that its after_handler (in reverse order) replies last,
+        # once the result is stored and the idempotency key settled.
+        self.middleware.add(Replier())
+        if self.store is not None:
+            idempotency = self.middleware.find(Idempotency)
+            if idempotency is None:
+                idempotency = Idempotency()
+                self.middleware.add(idempotency)
+            idempotency.bind(self.store)
+            ttl = check_seconds(result_ttl, "Cuebx", "result_ttl", positive=True)
+            self.results = Results(self.store, self.tasks, ttl=ttl)
+            self.middleware.add(self.results)
+        self.publisher = Publisher(
+            self,
+            self.settings,
+            self.middleware,
+            caller=Caller(check_seconds(call_timeout, "Cuebx", "call_timeout", positive=True)),
+            source=self.results,
+            delays=self.delays,
+        )
         self._topology: Topology | None = None
         self._broker: Broker | None = broker
         self._connected = False
         self._connect_lock = anyio.Lock()
         self._workers: list[Worker] = []
+        self._scheduler: Scheduler | None = None
 
     def __repr__(self) -> str:
         return f"<Cuebx {mask_url(self.settings.url)} tasks={list(self.tasks)}>"
 
     # -- registry ---------------------------------------------------------------------------
 
+    @overload
+    def task(
+        self, fn: Callable[Concatenate[TaskContext, P], Coroutine[Any, Any, R]], /
+    ) -> AsyncTask[P, R]: ...
+    @overload
+    def task(self, fn: Callable[P, Coroutine[Any, Any, R]], /) -> AsyncTask[P, R]: ...
     @overload
     def task(self, fn: Callable[Concatenate[TaskContext, P], R], /) -> Task[P, R]: ...
     @overload
@@ -158,6 +230,9 @@ class Cuebx:
         routing_keys: Sequence[str] = (),
         retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
         dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        track: bool = True,
+        idempotent: bool = False,
+        idempotency_key: Callable[..., str] | None = None,
     ) -> TaskDecorator: ...
     def task(self, *args: Any, **options: Any) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., ...)``.
@@ -174,6 +249,10 @@ class Cuebx:
             routing_keys: more routing keys binding the queue to the exchange.
             retry_on: only these exception types are retried.
             dont_retry_on: these exception types are never retried.
+            track: record this task's status and result in the app's store (if it has one).
+            idempotent: run it at most once per message id (needs a store).
+            idempotency_key: run it at most once per key, a function of its arguments
+                returning a string (needs a store).
 
         Raises:
             DuplicateTaskError: a task with that name exists.
@@ -205,14 +284,128 @@ class Cuebx:
                 f"task {task_name!r}: unknown option(s) {', '.join(unknown)}; "
                 f"options are: name, {', '.join(sorted(TASK_OPTIONS))}"
             )
-        task: Task[Any, Any] = Task(
+        kind = AsyncTask if inspect.iscoroutinefunction(fn) else Task
+        task: Task[Any, Any] = kind(
             self.publisher, fn, TaskOptions.build(name=task_name, **options)
         )
+        if task.options.idempotent and self.store is None:
+            raise ConfigurationError(
+                f"task {task_name!r}: idempotent= and idempotency_key= need a store to "
+                "remember keys in: Cuebx(url, store='redis://...' or 'postgresql://...')"
+            )
         # Check the topology with this task before keeping it, so a clash names this task.
         self._plan([*self.tasks.values(), task])
         self.tasks[task_name] = task
         self._topology = None
         return task
+
+    # -- periodic tasks (cuebx.scheduling) --------------------------------------------------
+
+    def periodic(
+        self,
+        *,
+        cron: str | None = None,
+        every: Duration | None = None,
+        tz: str | None = None,
+        misfire: Misfire = "once",
+        overlap: Overlap = "allow",
+        overlap_timeout: Duration = "1h",
+        name: str | None = None,
+        **task_options: Any,
+    ) -> PeriodicDecorator:
+        """Register a task without arguments and run it on a schedule.
+
+        ``@app.periodic(cron="*/5 * * * *", tz="Europe/Paris")`` or ``@app.periodic(every=
+        "30s")``; the other keywords are those of `task` (``queue=``, ``retries=``...). The
+        job is named after the task. See `schedule` for the schedule options.
+
+        Raises:
+            ConfigurationError: an option is wrong, or the function takes arguments.
+        """
+        schedule = {
+            "cron": cron,
+            "every": every,
+            "tz": tz,
+            "misfire": misfire,
+            "overlap": overlap,
+            "overlap_timeout": overlap_timeout,
+        }
+        return PeriodicDecorator(self, schedule, {"name": name, **task_options})
+
+    def _register_periodic(
+        self, fn: Callable[..., Any], schedule: dict[str, Any], options: dict[str, Any]
+    ) -> Task[Any, Any]:
+        task = self._register(fn, **options)
+        try:
+            self.scheduler.add(task, **schedule)
+        except BaseException:
+            # Leave no task behind without its schedule.
+            del self.tasks[task.name]
+            self._topology = None
+            raise
+        return task
+
+    def schedule(
+        self,
+        task: Task[Any, Any],
+        *,
+        cron: str | None = None,
+        every: Duration | None = None,
+        tz: str | None = None,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        misfire: Misfire = "once",
+        overlap: Overlap = "allow",
+        overlap_timeout: Duration = "1h",
+        name: str | None = None,
+    ) -> Job:
+        """Publish a message for `task` on a schedule, from whichever worker is elected.
+
+        Args:
+            task: a task of this app.
+            cron: a cron expression: five fields (minute hour day-of-month month
+                day-of-week), or six with seconds first; ``@daily`` and the like.
+            every: an interval instead of `cron` (``"30s"``, ``"1h"``), counted from the
+                epoch: ``"1h"`` fires on the hour.
+            tz: the IANA time zone of `cron` (UTC by default); daylight saving time is
+                handled as cron does.
+            args: positional arguments of each message.
+            kwargs: keyword arguments of each message.
+            misfire: ``"once"`` runs one catch-up for slots missed while no scheduler ran;
+                ``"skip"`` runs none.
+            overlap: ``"allow"`` fires even while the previous run is going; ``"skip"``
+                skips a slot while it is.
+            overlap_timeout: with ``overlap="skip"``, how long a run that never reported its
+                end holds the job back.
+            name: the job's name (the task's name by default); unique per exchange.
+
+        Raises:
+            ConfigurationError: an option is wrong; the message names the job and the option.
+        """
+        if self.tasks.get(task.name) is not task:
+            raise ConfigurationError(
+                f"job {name or task.name!r}: {task!r} is not a task of this app"
+            )
+        return self.scheduler.add(
+            task,
+            cron=cron,
+            every=every,
+            tz=tz,
+            args=args,
+            kwargs=kwargs,
+            misfire=misfire,
+            overlap=overlap,
+            overlap_timeout=overlap_timeout,
+            name=name,
+        )
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The app's periodic jobs and the scheduler that fires them (a middleware)."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self)
+            self.add_middleware(self._scheduler)
+        return self._scheduler
 
     def _plan(self, tasks: Iterable[Task[Any, Any]]) -> Topology:
         s = self.settings
@@ -230,6 +423,14 @@ class Cuebx:
             self._topology = self._plan(self.tasks.values())
         return self._topology
 
+    @property
+    def dlq(self) -> DeadLetters:
+        """Dead-letter operations on this app's broker: ``await app.dlq.ls()``, ``replay``...
+
+        See `cuebx.ops.dlq.DeadLetters`; ``cuebx dlq`` is the same from the command line.
+        """
+        return DeadLetters(self.broker, self.topology())
+
     def add_middleware(self, middleware: Middleware) -> None:
         """Add a plug-in; its ``before_*`` hooks run after those added before it.
 
@@ -237,6 +438,33 @@ class Cuebx:
         message on, but its ``on_worker_start`` hook never ran.
         """
         self.middleware.add(middleware)
+
+    # -- status -----------------------------------------------------------------------------
+
+    def _results(self) -> Results:
+        if self.results is None:
+            raise ConfigurationError(
+                "task status needs a store: Cuebx(url, store='redis://...' or "
+                "'postgresql://...' or 'memory://')"
+            )
+        return self.results
+
+    async def status(self, task_id: str) -> TaskStatus:
+        """Read the status of any task by id: ``unknown`` for an id the store never saw.
+
+        Raises:
+            ConfigurationError: the app has no store.
+            StoreError: the store did not answer.
+        """
+        return await self._results().status(task_id)
+
+    def handle(self, task_id: str) -> TaskHandle[Any]:
+        """Rebuild a handle from a task id (from a URL, say): its `status` and `result`.
+
+        The result is decoded as its task's return type when that task is registered here;
+        `Task.handle` gives a handle typed by a task you name.
+        """
+        return TaskHandle(task_id, "", "", task_id, self._results(), None)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -247,6 +475,7 @@ class Cuebx:
             s = self.settings
             self._broker = broker_for_url(
                 s.url,
+                urls=s.urls,
                 publish_timeout=s.publish_timeout,
                 connect_timeout=s.connect_timeout,
                 connection_name=s.connection_name,
@@ -304,6 +533,12 @@ class Cuebx:
                     await broker.close()
                 raise
             self._connected = True
+            if self.store is not None:
+                try:
+                    await self.store.connect()
+                except StoreError as exc:
+                    # Publishing and consuming never wait for the store: say it, go on.
+                    logger.warning("the store does not answer yet: %s; carrying on", exc)
 
     async def declare(self) -> None:
         """Declare the exchange, queues and bindings of every registered task."""
@@ -317,6 +552,8 @@ class Cuebx:
             await worker.stop()
         if self._broker is not None:
             await self._broker.close()
+        if self.store is not None:
+            await self.store.close()
         self._connected = False
 
     async def __aenter__(self) -> Self:

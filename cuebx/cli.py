@@ -1,24 +1,35 @@
-"""The ``cuebx`` command line: a thin layer over the Python API (the only click/rich user)."""
+"""The ``cuebx`` command line: a thin layer over the Python API.
+
+The operations commands (``cuebx dlq``, ``cuebx status``, ``cuebx topology diff``) live in
+`cuebx.ops.commands`, the only other module that imports click and rich.
+"""
 
 from __future__ import annotations
 
-import importlib
+import functools
 import logging
-import os
 import signal
-import sys
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import click
 
-from cuebx import __version__
+from cuebx import __version__, loader
 from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.delays import LadderStatus, ladder_status
 from cuebx.durations import label, to_seconds
-from cuebx.errors import CuebxError
+from cuebx.errors import AppNotFoundError, CuebxError
+from cuebx.ops import commands
+from cuebx.ops.logs import LogFormat, configure_logging
+from cuebx.scheduling import JobReport
+from cuebx.scheduling.schedules import slot_text
+from cuebx.supervisor import Supervisor, parse_processes, parse_size
 from cuebx.worker import Worker
+
+if TYPE_CHECKING:
+    from cuebx.metrics import PrometheusMetrics
 
 __all__ = ["load_app", "main", "one_line_error"]
 
@@ -26,45 +37,11 @@ logger = logging.getLogger("cuebx.cli")
 
 
 def load_app(path: str) -> Cuebx:
-    """Import ``module[:attribute]`` and return its `Cuebx` app.
-
-    Without an attribute, the module must hold exactly one `Cuebx` instance.
-
-    Raises:
-        click.ClickException: one line saying what could not be found.
-    """
-    module_name, _, attribute = path.partition(":")
-    if not module_name:
-        raise click.ClickException(f"-A {path!r}: expected module or module:attribute")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """`cuebx.loader.load_app`, with its errors as one-line click errors."""
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise click.ClickException(f"-A {path!r}: no module named {exc.name!r}") from None
-        raise
-    except CuebxError as exc:
-        # A task or app option refused while the module was imported: the message says
-        # which task and option, so a traceback through importlib adds nothing.
-        raise click.ClickException(f"-A {path!r}: {type(exc).__name__}: {exc}") from None
-    if attribute:
-        app = getattr(module, attribute, None)
-        if app is None:
-            raise click.ClickException(f"-A {path!r}: module {module_name!r} has no {attribute!r}")
-        if not isinstance(app, Cuebx):
-            raise click.ClickException(
-                f"-A {path!r}: {attribute!r} is a {type(app).__name__}, not a Cuebx app"
-            )
-        return app
-    apps = {n: v for n, v in vars(module).items() if isinstance(v, Cuebx)}
-    if len(apps) != 1:
-        found = ", ".join(sorted(apps)) or "none"
-        raise click.ClickException(
-            f"-A {path!r}: expected exactly one Cuebx app in {module_name!r}, found {found}; "
-            "name it as module:attribute"
-        )
-    return next(iter(apps.values()))
+        return loader.load_app(path)
+    except AppNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 _BROKER_URL_HELP = (
@@ -98,7 +75,11 @@ def main() -> None:
       cuebx worker -A shop.tasks:app -Q emails    consume one queue only
       CUEBX_APP=shop.tasks cuebx worker -l debug  the app from the environment
       cuebx topology -A myapp                     print what the app declares
+      cuebx topology diff -A myapp                compare it with the broker
+      cuebx status -A myapp                       queue depths, tiers, dead letters
       cuebx delays -A myapp                       messages waiting in the delay ladder
+      cuebx dlq ls -A myapp                       dead letters by task and reason
+      cuebx schedule -A myapp                     list periodic jobs and their scheduler
       cuebx worker -h                             the worker's options
     """
 
@@ -108,6 +89,24 @@ def main() -> None:
 @click.option("-Q", "--queues", help="Comma-separated queues to consume (default: all).")
 @click.option("--prefetch", type=click.IntRange(min=1), help="Prefetch for every queue.")
 @click.option("--shutdown-timeout", help="How long running handlers may finish on stop: 30s.")
+@click.option(
+    "--processes",
+    default="1",
+    show_default=True,
+    metavar="N|auto",
+    help="Worker processes, each with its own connection; auto: one per CPU.",
+)
+@click.option(
+    "--max-tasks-per-child",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Replace a worker process after it ran N tasks.",
+)
+@click.option(
+    "--max-memory-per-child",
+    metavar="SIZE",
+    help="Replace a worker process whose memory is above SIZE: 512MiB, 2GB.",
+)
 @click.option(
     "-l",
     "--log-level",
@@ -119,12 +118,39 @@ def main() -> None:
     metavar="LEVEL",
     help="DEBUG, INFO, WARNING or ERROR (any case); logs go to stderr.",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per record (with task, message_id, attempt).",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    help="Serve /metrics, /healthz and /readyz on this port (needs cuebx[prometheus]).",
+)
+@click.option(
+    "--metrics-host", default="127.0.0.1", show_default=True, help="Address to serve them on."
+)
+@click.option(
+    "--no-scheduler",
+    is_flag=True,
+    help="Do not take part in firing periodic jobs (their tasks still run here).",
+)
 def worker(
     app_path: str,
     queues: str | None,
     prefetch: int | None,
     shutdown_timeout: str | None,
+    processes: str,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: str | None,
     log_level: str,
+    log_format: LogFormat,
+    metrics_port: int | None,
+    metrics_host: str,
+    no_scheduler: bool,
 ) -> None:
     """Declare the topology and run tasks until SIGINT or SIGTERM.
 
@@ -133,13 +159,12 @@ def worker(
       cuebx worker -A myapp
       cuebx worker -A shop.tasks:app -Q emails,webhooks --prefetch 20
       cuebx worker -A shop.tasks -Q reports --prefetch 2 --shutdown-timeout 2m
+      cuebx worker -A shop.tasks --no-scheduler   run tasks, never fire periodic jobs
+      cuebx worker -A shop.tasks --processes auto --max-tasks-per-child 1000
       CUEBX_BROKER_URL=amqp://app:secret@rabbitmq:5672/prod cuebx worker -A shop.tasks
+      cuebx worker -A shop.tasks --metrics-port 9100 --log-format json
     """
-    logging.basicConfig(
-        level=log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(log_level, log_format)
     app = load_app(app_path)
     if not app.tasks:
         raise click.ClickException(
@@ -147,6 +172,9 @@ def worker(
             "the module (or in modules it imports)"
         )
     names = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+    metrics = None if metrics_port is None else _metrics(app)
+    if no_scheduler:
+        app.scheduler.configure(enabled=False)
     try:
         seconds = (
             None
@@ -156,15 +184,92 @@ def worker(
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
     except (LookupError, ValueError, BaseExceptionGroup) as exc:
         raise _click_error(exc, (LookupError, ValueError)) from None
-    logger.info("cuebx worker for %s on %s", app_path, mask_url(app.settings.url))
+    urls = ", ".join(mask_url(url) for url in app.settings.urls)
+    logger.info("cuebx worker for %s on %s", app_path, urls)
     for queue in built.queues:
         logger.info("queue %s: tasks %s", queue.name, ", ".join(queue.tasks))
+    endpoints = None
+    if metrics is not None and metrics_port is not None:
+        from cuebx.metrics import worker_routes
+        from cuebx.ops.http import serve
+
+        routes = worker_routes(built, metrics, app.topology())
+        endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
+    if no_scheduler:
+        logger.info("scheduler: off (--no-scheduler)")
     try:
-        anyio.run(_run_worker, app, built, backend_options=_backend_options())
-    except (CuebxError, BaseExceptionGroup) as exc:
-        # A task group wraps what failed inside it (a consumer the broker refused) in an
-        # exception group, nested once per task group it went through.
-        raise _click_error(exc, CuebxError) from None
+        supervisor = _supervisor(
+            app_path,
+            built,
+            processes=processes,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
+            log_level=log_level.upper(),
+            prefetch=prefetch,
+            publish_timeout=app.settings.publish_timeout,
+        )
+    except CuebxError as exc:
+        raise click.ClickException(str(exc)) from None
+    if supervisor is not None:
+        raise SystemExit(anyio.run(supervisor.run, backend_options=_backend_options()))
+    try:
+        anyio.run(_run_worker, app, built, endpoints, backend_options=_backend_options())
+    except (CuebxError, OSError, BaseExceptionGroup) as exc:
+        # A task group wraps what failed inside it (a consumer the broker refused, a port in
+        # use) in an exception group, nested once per task group it went through.
+        raise _click_error(exc, (CuebxError, OSError)) from None
+
+
+def _metrics(app: Cuebx) -> PrometheusMetrics:
+    """The app's metrics middleware, added first if it has none."""
+    try:
+        from cuebx.metrics import PrometheusMetrics
+    except ImportError as exc:
+        raise click.ClickException(f"--metrics-port: {exc}") from None
+    metrics = app.middleware.find(PrometheusMetrics)
+    if metrics is None:
+        metrics = PrometheusMetrics()
+        app.add_middleware(metrics)
+    return metrics
+
+
+def _supervisor(
+    app_path: str,
+    worker: Worker,
+    *,
+    processes: str,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: str | None,
+    log_level: str,
+    prefetch: int | None,
+    publish_timeout: float,
+) -> Supervisor | None:
+    """The supervisor of ``--processes N``, or None for today's single process.
+
+    One process without a per-child limit runs in this process, as before; anything else runs
+    in supervised worker processes (a limit needs a supervisor to start the replacement).
+    """
+    count = parse_processes(processes, "--processes")
+    if count == 1 and max_tasks_per_child is None and max_memory_per_child is None:
+        return None
+    memory = (
+        None
+        if max_memory_per_child is None
+        else parse_size(max_memory_per_child, "--max-memory-per-child")
+    )
+    return Supervisor(
+        functools.partial(load_app, app_path),
+        processes=count,
+        queues=worker.queue_names,
+        prefetch=prefetch,
+        shutdown_timeout=worker.shutdown_timeout,
+        # Time for the last retry and dead-letter copies to be confirmed, and to close.
+        stop_grace=publish_timeout + 10,
+        max_tasks_per_child=max_tasks_per_child,
+        max_memory_per_child=memory,
+        log_level=log_level,
+        backend_options=_backend_options(),
+    )
 
 
 def _click_error(
@@ -194,11 +299,15 @@ def one_line_error(
     return "; ".join(dict.fromkeys(m for m in messages if m is not None))
 
 
-async def _run_worker(app: Cuebx, worker: Worker) -> None:
+async def _run_worker(
+    app: Cuebx, worker: Worker, endpoints: Callable[..., Coroutine[Any, Any, None]] | None = None
+) -> None:
     await app.connect()
     try:
         async with anyio.create_task_group() as group:
             group.start_soon(_handle_signals, worker)
+            if endpoints is not None:
+                await group.start(endpoints)  # /healthz answers 503 until consumers run
             await worker.run()
             group.cancel_scope.cancel()
     finally:
@@ -226,10 +335,25 @@ def _backend_options() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
-@main.command()
-@_app_option
-def topology(app_path: str) -> None:
-    """Print the exchange, queues and arguments the app declares (no broker needed)."""
+@main.group(invoke_without_command=True)
+@click.option(
+    "-A",
+    "--app",
+    "app_path",
+    envvar="CUEBX_APP",
+    # Required for the plan itself; `diff` takes its own -A.
+    help="module[:attribute] of the app.  [env var: CUEBX_APP; required]",
+)
+@click.pass_context
+def topology(context: click.Context, app_path: str | None) -> None:
+    """Print the exchange, queues and arguments the app declares (no broker needed).
+
+    `cuebx topology diff -A app` compares them with the broker instead.
+    """
+    if context.invoked_subcommand is not None:
+        return
+    if app_path is None:
+        raise click.UsageError("Missing option '-A' / '--app'.")
     # Imported here: a worker process never needs rich (2 MB and ~25 ms of start-up).
     from rich.console import Console
     from rich.table import Table
@@ -254,6 +378,67 @@ def topology(app_path: str) -> None:
     if not console.is_terminal:
         console = Console(width=240)
     console.print(table)
+
+
+main.add_command(commands.dlq)
+main.add_command(commands.status_command)
+topology.add_command(commands.diff)
+
+
+@main.command()
+@_app_option
+def schedule(app_path: str) -> None:
+    """List the periodic jobs: schedule, last and next fire, the active scheduler.
+
+    Reads what the active scheduler last published on the broker, without taking part in
+    the election or touching the state it holds.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    app = load_app(app_path)
+    if not app.scheduler.jobs:
+        click.echo(f"{app_path}: no periodic jobs (use @app.periodic or app.schedule)")
+        return
+    try:
+        reports = anyio.run(_report, app, backend_options=_backend_options())
+    except CuebxError as exc:
+        raise click.ClickException(str(exc)) from None
+    table = Table(title=f"periodic jobs on exchange {app.settings.exchange!r}")
+    for column in ("job", "task (queue)", "schedule", "last fire", "next fire", "scheduler"):
+        table.add_column(column, overflow="fold")
+    for r in reports:
+        table.add_row(
+            r.job,
+            f"{r.task} ({r.queue})",
+            r.schedule,
+            _when(r.last),
+            _when(r.next),
+            _who(r),
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)
+    console.print(table)
+
+
+async def _report(app: Cuebx) -> list[JobReport]:
+    try:
+        return await app.scheduler.report()
+    finally:
+        await app.close()
+
+
+def _when(slot: int | None) -> str:
+    return "-" if slot is None else slot_text(slot)
+
+
+def _who(report: JobReport) -> str:
+    if report.leader is not None:
+        return f"{report.leader} ({report.reported:.0f}s ago)"
+    if report.previous_leader:
+        return f"none active (last: {report.previous_leader}, {report.reported:.0f}s ago)"
+    return "none yet"
 
 
 @main.command(epilog=_BROKER_URL_HELP)

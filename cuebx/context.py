@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+
+import msgspec
 
 __all__ = ["TaskContext", "current_context"]
 
 
-@dataclass(frozen=True, slots=True)
-class TaskContext:
+class TaskContext(msgspec.Struct, frozen=True):
     """The message a handler is running for.
 
     Declare a first parameter annotated ``TaskContext`` to receive it; cuebx injects it and
@@ -27,6 +28,12 @@ class TaskContext:
         redelivered: an earlier delivery of this attempt was not acked (a worker died or
             shut down mid-task), so the handler may have run before. RabbitMQ's flag, or on
             classic queues the worker's ``x-cuebx-redeliveries`` count.
+        published_at: the message's timestamp: when it was first published (retries and
+            replays keep it), if the publisher set one.
+        reply_to: where a caller waits for the value (`Task.call`); None for ``delay()``.
+
+    A frozen msgspec Struct rather than a dataclass: one is built per message, and a
+    Struct is built ten times faster.
     """
 
     message_id: str
@@ -36,6 +43,8 @@ class TaskContext:
     task_name: str
     queue: str
     redelivered: bool = False
+    published_at: datetime | None = None
+    reply_to: str | None = None
 
 
 _current: ContextVar[TaskContext] = ContextVar("cuebx_task_context")

@@ -4,17 +4,24 @@ The tree::
 
     CuebxError
     ├── ConfigurationError          a task or app option is wrong (also a ValueError)
-    │   └── DuplicateTaskError      two tasks registered under one name
+    │   ├── DuplicateTaskError      two tasks registered under one name
+    │   └── AppNotFoundError        ``-A module:attribute`` does not lead to an app
     ├── ArgumentsError              .delay() arguments that do not fit the task's signature
     ├── DelayError                  a countdown or eta the delay ladder cannot hold
     ├── TopologyError               the broker refused a declaration
     │   └── TopologyConflictError   a queue exists with other arguments
-    └── BrokerError                 talking to the broker failed
-        ├── BrokerUnavailableError  cannot connect, or not connected
-        └── PublishError            a publish was not confirmed
-            ├── UnroutableError     returned by the broker (mandatory flag): no queue bound
-            ├── PublishTimeoutError no confirm within the publish timeout
-            └── BatchPublishError   some messages of a `Task.map` batch were not confirmed
+    ├── BrokerError                 talking to the broker failed
+    │   ├── BrokerUnavailableError  cannot connect, or not connected
+    │   └── PublishError            a publish was not confirmed
+    │       ├── UnroutableError     returned by the broker (mandatory flag): no queue bound
+    │       ├── PublishTimeoutError no confirm within the publish timeout
+    │       └── BatchPublishError   some messages of a `Task.map` batch were not confirmed
+    ├── StoreError                  talking to the result store failed
+    │   └── StoreUnavailableError   cannot connect, or an operation timed out
+    ├── TaskFailed                  `result()` or `call()` of a task that failed for good
+    ├── ResultTimeoutError          `result()` waited its timeout for a final state
+    ├── CallTimeoutError            `call()` waited its timeout for the reply
+    └── CallInterruptedError        `call()` lost its connection before the reply came
 
     TaskSignal                      raised by a handler, never by cuebx itself
     ├── Retry                       retry this message: through the next tier, or after delay=
@@ -33,10 +40,13 @@ from typing import Any
 from cuebx.durations import to_ms
 
 __all__ = [
+    "AppNotFoundError",
     "ArgumentsError",
     "BatchPublishError",
     "BrokerError",
     "BrokerUnavailableError",
+    "CallInterruptedError",
+    "CallTimeoutError",
     "ConfigurationError",
     "CuebxError",
     "DelayError",
@@ -44,7 +54,11 @@ __all__ = [
     "PublishError",
     "PublishTimeoutError",
     "Reject",
+    "ResultTimeoutError",
     "Retry",
+    "StoreError",
+    "StoreUnavailableError",
+    "TaskFailed",
     "TaskSignal",
     "TopologyConflictError",
     "TopologyError",
@@ -62,6 +76,10 @@ class ConfigurationError(CuebxError, ValueError):
 
 class DuplicateTaskError(ConfigurationError):
     """Two tasks were registered under the same name."""
+
+
+class AppNotFoundError(ConfigurationError):
+    """An app path (``cuebx -A module:attribute``) does not lead to a `Cuebx` app."""
 
 
 class ArgumentsError(CuebxError, TypeError):
@@ -144,6 +162,62 @@ class BatchPublishError(PublishError):
             f"{len(self.errors)} of {len(self.handles)} messages were not confirmed "
             f"(item {index}: {first})"
         )
+
+
+class StoreError(CuebxError):
+    """Reading or writing the result store failed."""
+
+
+class StoreUnavailableError(StoreError, ConnectionError):
+    """The store cannot be reached, or did not answer in time (its URL's password masked)."""
+
+
+class TaskFailed(CuebxError):
+    """The task ended without a value: its handler failed for good, or it was dead-lettered.
+
+    Raised by `TaskHandle.result` and `Task.call`, in the caller, for what happened in a
+    worker: the handler's exception itself is not re-raised (it may not even be importable
+    here), its type and message are.
+
+    Attributes:
+        task_id: the task's id (its message id).
+        state: ``"failed"`` or ``"dead-lettered"``.
+        error_type: the exception's qualified name (``"builtins.ValueError"``), or ``""``
+            when it was not an exception (undecodable input, say).
+        error: the exception's message, bounded in length.
+        reason: the dead-letter reason (``"exhausted"``, ``"rejected"``, ...), or None.
+    """
+
+    def __init__(
+        self,
+        task_id: str,
+        *,
+        state: str,
+        error_type: str = "",
+        error: str = "",
+        reason: str | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.state = state
+        self.error_type = error_type
+        self.error = error
+        self.reason = reason
+        why = f" ({reason})" if reason else ""
+        what = f"{error_type}: {error}" if error_type else error or state
+        super().__init__(f"task {task_id} {state}{why}: {what}")
+
+
+class ResultTimeoutError(CuebxError, TimeoutError):
+    """`TaskHandle.result` saw no final state within its timeout (the task may still run)."""
+
+
+class CallTimeoutError(CuebxError, TimeoutError):
+    """`Task.call` got no reply within its timeout (the task may still run, or have run)."""
+
+
+class CallInterruptedError(CuebxError, ConnectionError):
+    """`Task.call`'s connection was lost before the reply came: RabbitMQ's direct reply-to
+    does not keep a reply for a caller that reconnects, so it can never arrive."""
 
 
 class TaskSignal(Exception):

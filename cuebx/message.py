@@ -31,18 +31,23 @@ __all__ = [
     "HEADER_ORIGIN_QUEUE",
     "HEADER_REDELIVERIES",
     "HEADER_REASON",
+    "HEADER_REPLAYED",
     "HEADER_TASK",
     "Codec",
+    "DEAD_LETTER_HEADERS",
     "DeadLetterReason",
     "OutgoingMessage",
     "SERIALIZERS",
     "Serializer",
     "codec_for",
     "dead_letter_copy",
+    "decode_other",
+    "encode_other",
     "eta_of",
     "header_count",
     "is_model_type",
     "new_message_id",
+    "replay_copy",
     "retry_copy",
 ]
 
@@ -65,6 +70,14 @@ HEADER_DELAY_TO = "cuebx-delay-to"
 #: The level of the ladder a delayed message waits in first (the highest 1 of its delay in
 #: binary): the ladder's entry, a headers exchange, routes on it.
 HEADER_DELAY_LEVEL = "cuebx-delay-level"
+
+#: Times a message was replayed out of a dead-letter queue (``cuebx dlq replay``).
+HEADER_REPLAYED = "x-cuebx-replayed"
+
+#: The stamps of a dead-lettered copy (see `dead_letter_copy`).
+DEAD_LETTER_HEADERS = frozenset(
+    {HEADER_REASON, HEADER_ERROR_TYPE, HEADER_ERROR, HEADER_FAILED_AT, HEADER_ORIGIN_QUEUE}
+)
 
 #: Headers RabbitMQ sets when it dead-letters or redelivers a message. A copy cuebx
 #: publishes is a new message: carrying them over would let RabbitMQ's dead-letter cycle
@@ -116,6 +129,8 @@ class OutgoingMessage:
     headers: Mapping[str, Any]
     timestamp: datetime
     priority: int | None = None
+    #: Where the worker sends the task's value (`Task.call`): RabbitMQ's direct reply-to.
+    reply_to: str | None = None
 
 
 def is_model_type(type_: Any) -> bool:
@@ -129,14 +144,14 @@ def is_model_type(type_: Any) -> bool:
     )
 
 
-def _encode_other(value: Any) -> Any:
+def encode_other(value: Any) -> Any:
     """msgspec's ``enc_hook``: a pydantic model becomes its JSON-compatible dump."""
     if is_model_type(type(value)):
         return value.model_dump(mode="json")
     raise TypeError(f"Encoding objects of type {type(value).__qualname__} is unsupported")
 
 
-def _decode_other(type_: type[Any], value: Any) -> Any:
+def decode_other(type_: type[Any], value: Any) -> Any:
     """msgspec's ``dec_hook``: plain data becomes a pydantic model, validated by pydantic.
 
     Pydantic's ValidationError is a ValueError, which msgspec reports as a
@@ -162,14 +177,14 @@ class Codec:
     def decoder(self, type_: Any) -> msgspec.json.Decoder[Any] | msgspec.msgpack.Decoder[Any]:
         """Build a decoder that validates into `type_` (built once per task, then reused)."""
         if self.name == "json":
-            return msgspec.json.Decoder(type_, dec_hook=_decode_other)
-        return msgspec.msgpack.Decoder(type_, dec_hook=_decode_other)
+            return msgspec.json.Decoder(type_, dec_hook=decode_other)
+        return msgspec.msgpack.Decoder(type_, dec_hook=decode_other)
 
 
 _CODECS: dict[str, Codec] = {
-    "json": Codec("json", CONTENT_TYPES["json"], msgspec.json.Encoder(enc_hook=_encode_other)),
+    "json": Codec("json", CONTENT_TYPES["json"], msgspec.json.Encoder(enc_hook=encode_other)),
     "msgpack": Codec(
-        "msgpack", CONTENT_TYPES["msgpack"], msgspec.msgpack.Encoder(enc_hook=_encode_other)
+        "msgpack", CONTENT_TYPES["msgpack"], msgspec.msgpack.Encoder(enc_hook=encode_other)
     ),
 }
 _BY_CONTENT_TYPE = {c.content_type: c for c in _CODECS.values()}
@@ -255,6 +270,21 @@ def dead_letter_copy(
         HEADER_ORIGIN_QUEUE: queue,
     }
     return replace(message, headers=stamped)
+
+
+def replay_copy(message: OutgoingMessage) -> OutgoingMessage:
+    """Copy a dead-lettered message for a new run: as first published, counted as replayed.
+
+    The dead-letter stamps, RabbitMQ's dead-letter and delivery headers and the redelivery
+    count go; the attempt is 0 again (a full set of retries); ``x-cuebx-replayed`` counts
+    the replays. Body, ids, timestamp and every other header (a W3C ``traceparent``, say)
+    stay. If it fails again, its new dead-letter stamps say why.
+    """
+    dropped = DEAD_LETTER_HEADERS | BROKER_HEADERS | {HEADER_REDELIVERIES}
+    headers = {k: v for k, v in message.headers.items() if k not in dropped}
+    headers[HEADER_ATTEMPT] = 0
+    headers[HEADER_REPLAYED] = header_count(message.headers.get(HEADER_REPLAYED)) + 1
+    return replace(message, headers=headers)
 
 
 # A random 128-bit number with the version (4) and variant bits of a UUID4 put in place.

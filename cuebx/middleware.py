@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -88,8 +87,7 @@ class Postpone(Exception):
         self.reason = reason
 
 
-@dataclass(slots=True)
-class Publish:
+class Publish(msgspec.Struct):
     """A message about to be published (``before_publish``) or just published (``after_publish``).
 
     Attributes:
@@ -113,8 +111,7 @@ class Publish:
         return headers
 
 
-@dataclass(slots=True)
-class Received:
+class Received(msgspec.Struct):
     """A message the worker is handling, as the handler hooks see it.
 
     Attributes:
@@ -129,11 +126,10 @@ class Received:
     context: TaskContext
     task: Task[Any, Any] | None
     arguments: msgspec.Struct | None = None
-    state: dict[str, Any] = field(default_factory=dict)
+    state: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(msgspec.Struct, frozen=True):
     """How a handler run ended, for ``after_handler``.
 
     Attributes:
@@ -181,6 +177,14 @@ class Middleware:
 
     async def on_worker_stop(self, worker: WorkerView) -> None:
         """Called when a worker has stopped consuming and its handlers are done."""
+
+    async def serve(self, worker: WorkerView) -> None:
+        """Run beside a worker's consumers: from when they are registered until a stop
+        begins, when it is cancelled (before running handlers are waited for).
+
+        For a plug-in's own long-running work (a scheduler, an HTTP endpoint). An exception
+        is logged and the worker goes on without it.
+        """
 
     async def before_handler(self, received: Received) -> None:
         """Called before the handler runs; raise `Skip` to ack without running it, or
@@ -244,6 +248,7 @@ class Stack:
         ] = tuple(reversed(_overriding(found, "after_publish")))
         self.on_worker_start = _overriding(found, "on_worker_start")
         self.on_worker_stop = tuple(reversed(_overriding(found, "on_worker_stop")))
+        self.serve: tuple[Callable[[Any], Awaitable[None]], ...] = _overriding(found, "serve")
         self.before_handler: tuple[Callable[[Received], Awaitable[None]], ...] = _overriding(
             found, "before_handler"
         )

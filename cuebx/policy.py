@@ -106,8 +106,7 @@ class Decodes(Protocol):
     def decode(self, codec: Codec, body: bytes) -> msgspec.Struct: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Run(Generic[T]):
+class Run(msgspec.Struct, Generic[T], frozen=True):
     """Run `task`'s handler with the decoded, validated `arguments`."""
 
     task: T

@@ -14,14 +14,17 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import anyio
+
 from cuebx.brokers.base import Broker
 from cuebx.delays import Delays, Ladder, due_us, now_us
 from cuebx.durations import Duration
 from cuebx.errors import ArgumentsError, BatchPublishError, PublishError
 from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, new_message_id
 from cuebx.middleware import Publish, Stack, notify
+from cuebx.rpc import Caller
 from cuebx.settings import Settings
-from cuebx.task import Task, TaskHandle
+from cuebx.task import HandleSource, Task, TaskHandle
 
 __all__ = ["Connection", "Publisher"]
 
@@ -43,6 +46,8 @@ class Publisher:
         connection: the app, as far as publishing goes.
         settings: the app's settings.
         stack: the app's middleware.
+        caller: waits for the replies of `Task.call`.
+        source: where handles read status and results (the app's store), if anywhere.
         delays: the app's delay ladder (shared with its workers); else one of its own.
     """
 
@@ -52,11 +57,17 @@ class Publisher:
         settings: Settings,
         stack: Stack,
         *,
+        caller: Caller | None = None,
+        source: HandleSource | None = None,
         delays: Delays | None = None,
     ) -> None:
         self.connection = connection
         self.settings = settings
         self.stack = stack
+        #: Waits for the replies of `Task.call`.
+        self.caller = caller or Caller(default_timeout=30.0)
+        #: Where handles read status and results (the app's store), if anywhere.
+        self.source = source
         self.delays = delays or Delays(Ladder.of(settings))
 
     def message(
@@ -69,6 +80,7 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
         message_id: str | None = None,
+        reply_to: str | None = None,
     ) -> OutgoingMessage:
         """Build the message for one call of `task` (nothing is published).
 
@@ -96,7 +108,12 @@ class Publisher:
             headers=all_headers,
             timestamp=datetime.now(UTC),
             priority=task.options.priority if priority is None else priority,
+            reply_to=reply_to,
         )
+
+    async def connected_broker(self) -> Broker:
+        """The app's broker, connected (and the topology declared) on first use."""
+        return await self._broker()
 
     async def _broker(self) -> Broker:
         connection = self.connection
@@ -114,9 +131,10 @@ class Publisher:
         headers: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
         message_id: str | None = None,
+        reply_to: str | None = None,
         countdown: Duration | None = None,
         eta: datetime | None = None,
-    ) -> TaskHandle:
+    ) -> TaskHandle[Any]:
         """Publish one message for `task` and wait for its confirm.
 
         With a `countdown` or an `eta`, the message goes to the delay ladder, which holds it
@@ -135,6 +153,7 @@ class Publisher:
             headers=headers,
             correlation_id=correlation_id,
             message_id=message_id,
+            reply_to=reply_to,
         )
         exchange, routing_key = self.settings.exchange, task.queue
         if countdown is not None or eta is not None:
@@ -152,7 +171,20 @@ class Publisher:
             if exchange == self.delays.ladder.entry:
                 self.delays.forget()  # was the ladder deleted? declare it again next time
             raise
-        return TaskHandle(message.message_id, task.name, task.queue, message.correlation_id)
+        return TaskHandle(
+            message.message_id, task.name, task.queue, message.correlation_id, self.source, task
+        )
+
+    async def call(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        limit: float | None,
+    ) -> Any:
+        """Publish a request for `task` and wait for the worker's reply (`Task.call`)."""
+        return await self.caller.call(self, task, args, kwargs, limit=limit)
 
     async def _delayed(
         self,
@@ -206,7 +238,7 @@ class Publisher:
         arguments: Iterable[Sequence[Any] | Mapping[str, Any]],
         *,
         window: int = 256,
-    ) -> list[TaskHandle]:
+    ) -> list[TaskHandle[Any]]:
         """Publish one message per item, keeping up to `window` confirms in flight.
 
         Every item is encoded and validated before anything is published.
@@ -236,15 +268,39 @@ class Publisher:
             exchange, [(p.routing_key, p.message) for p in publishes], window=window
         )
         if stack.after_publish:
-            for publish, error in zip(publishes, results, strict=True):
-                await notify(stack.after_publish, publish, error)
-        handles: list[TaskHandle | None] = [
+            await _notify_each(stack, publishes, results, window)
+        handles: list[TaskHandle[Any] | None] = [
             None
             if error is not None
-            else TaskHandle(p.message.message_id, task.name, task.queue, p.message.correlation_id)
+            else TaskHandle(
+                p.message.message_id,
+                task.name,
+                task.queue,
+                p.message.correlation_id,
+                self.source,
+                task,
+            )
             for p, error in zip(publishes, results, strict=True)
         ]
         errors = {i: e for i, e in enumerate(results) if e is not None}
         if errors:
             raise BatchPublishError(handles, errors)
         return [h for h in handles if h is not None]
+
+
+async def _notify_each(
+    stack: Stack,
+    publishes: Sequence[Publish],
+    results: Sequence[BaseException | None],
+    window: int,
+) -> None:
+    """Run the ``after_publish`` hooks of a batch, up to `window` messages at a time.
+
+    Concurrently, so that a plug-in that batches its own writes (the status store's
+    ``pending``) writes a batch in one round trip instead of one per message.
+    """
+    pairs = list(zip(publishes, results, strict=True))
+    for start in range(0, len(pairs), max(1, window)):
+        async with anyio.create_task_group() as group:
+            for publish, error in pairs[start : start + window]:
+                group.start_soon(notify, stack.after_publish, publish, error)

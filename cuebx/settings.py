@@ -8,6 +8,8 @@ same words wherever it is given and nothing downstream checks it again.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -27,12 +29,56 @@ __all__ = [
     "check_prefetch",
     "check_queue_type",
     "check_seconds",
+    "split_urls",
 ]
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 URL_ENV = "CUEBX_BROKER_URL"
 
 _QUEUE_TYPES = ("classic", "quorum")
+
+# A comma starts the next URL only where a scheme follows it: a password may hold a comma.
+_URL_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def split_urls(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Read one URL, several joined by commas (``CUEBX_BROKER_URL``'s form), or a sequence.
+
+    A comma splits only where another ``scheme://`` follows it, so a password that holds a
+    comma stays whole.
+    """
+    if isinstance(value, str):
+        return tuple(_URL_SEPARATOR.split(value.strip()))
+    return tuple(value)
+
+
+def _check_urls(value: str | Sequence[str] | None, where: str) -> tuple[str, ...]:
+    """The broker URLs of `value`, else of ``CUEBX_BROKER_URL``, else the default, checked."""
+    if value is None or value == "":
+        value = os.environ.get(URL_ENV) or DEFAULT_URL
+    urls = split_urls(value)
+    if not urls:
+        raise ConfigurationError(f"{where}: the list of broker URLs is empty; give at least one")
+    schemes = []
+    for url in urls:
+        if not isinstance(url, str) or not url:
+            raise ConfigurationError(
+                f"{where}: a broker URL must be a non-empty string, got {url!r}"
+            )
+        scheme = urlsplit(url).scheme
+        if scheme not in BROKER_SCHEMES:
+            raise ConfigurationError(
+                f"{where}: broker URL {mask_url(url)!r} has scheme {scheme!r}; use one of: "
+                f"{', '.join(sorted(BROKER_SCHEMES))}"
+            )
+        schemes.append(scheme)
+    if "memory" in schemes and len(urls) > 1:
+        shown = ", ".join(repr(mask_url(u)) for u in urls)
+        raise ConfigurationError(
+            f"{where}: broker URLs {shown}: memory:// runs in process and takes no other URL; "
+            "several URLs name the nodes of one RabbitMQ cluster (amqp:// or amqps://)"
+        )
+    return urls
 
 
 def check_queue_type(value: Any, where: str) -> QueueType:
@@ -129,13 +175,15 @@ class Settings:
     shutdown_timeout: float
     thread_limit: int
     connection_name: str | None
+    #: Every broker URL, `url` first: the nodes of a RabbitMQ cluster, tried in turn.
+    urls: tuple[str, ...] = ()
     delay_unit_ms: int = 100
     delay_levels: int = 32
 
     @classmethod
     def build(
         cls,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         *,
         exchange: str = "cuebx",
         queue_type: QueueType = "classic",
@@ -167,16 +215,11 @@ class Settings:
             codec = codec_for(serializer)
         except ValueError as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
-        url = url or os.environ.get(URL_ENV) or DEFAULT_URL
-        scheme = urlsplit(url).scheme
-        if scheme not in BROKER_SCHEMES:
-            raise ConfigurationError(
-                f"{where}: broker URL {mask_url(url)!r} has scheme {scheme!r}; use one of: "
-                f"{', '.join(sorted(BROKER_SCHEMES))}"
-            )
+        urls = _check_urls(url, where)
         delay_unit_ms, delay_levels = check_delay_ladder(delay_unit, delay_levels, where)
         return cls(
-            url=url,
+            url=urls[0],
+            urls=urls,
             exchange=exchange,
             queue_type=check_queue_type(queue_type, where),
             codec=codec,

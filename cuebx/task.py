@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, ParamSpec, Protocol, TypeVar
 
 import msgspec
 import msgspec.inspect
@@ -20,12 +20,23 @@ import msgspec.inspect
 from cuebx.context import TaskContext, _current
 from cuebx.durations import Duration
 from cuebx.errors import ArgumentsError, ConfigurationError
-from cuebx.message import SERIALIZERS, Codec, codec_for, is_model_type, new_message_id
+from cuebx.message import (
+    SERIALIZERS,
+    Codec,
+    codec_for,
+    decode_other,
+    encode_other,
+    is_model_type,
+    new_message_id,
+)
 from cuebx.policy import RetryPolicy, RetrySpec, retry_delays
 from cuebx.settings import check_count, check_prefetch, check_queue_type, check_seconds
 from cuebx.topology import QueueRoute, QueueType, retry_queue_name
 
-__all__ = ["TASK_OPTIONS", "Task", "TaskHandle", "TaskOptions", "TaskPublisher"]
+if TYPE_CHECKING:
+    from cuebx.status import TaskStatus
+
+__all__ = ["TASK_OPTIONS", "AsyncTask", "Task", "TaskHandle", "TaskOptions", "TaskPublisher"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,13 +54,29 @@ TASK_OPTIONS = frozenset(
         "routing_keys",
         "retry_on",
         "dont_retry_on",
+        "track",
+        "idempotent",
+        "idempotency_key",
     }
 )
 
+#: Encodes return values (and the pydantic models among them) for results and replies.
+_RESULT_ENCODER = msgspec.json.Encoder(enc_hook=encode_other)
+
+
+class HandleSource(Protocol):
+    """Where a `TaskHandle` reads its task's status and result (the app's result store)."""
+
+    async def status(self, task_id: str) -> TaskStatus: ...
+
+    async def result(
+        self, task: Task[Any, Any] | None, task_id: str, limit: float | None
+    ) -> Any: ...
+
 
 @dataclass(frozen=True, slots=True)
-class TaskHandle:
-    """What `.delay()` returns: the id of the published message (the task id).
+class TaskHandle(Generic[R]):
+    """What `.delay()` returns: the task id, and with a store its status and result.
 
     Attributes:
         id: the message id, the same on every attempt (``TaskContext.message_id``).
@@ -62,6 +89,41 @@ class TaskHandle:
     task_name: str
     queue: str
     correlation_id: str
+    source: HandleSource | None = field(default=None, repr=False, compare=False)
+    task: Task[Any, R] | None = field(default=None, repr=False, compare=False)
+
+    def _source(self) -> HandleSource:
+        if self.source is None:
+            raise ConfigurationError(
+                f"task {self.task_name!r}: status and results need a store: "
+                "Cuebx(url, store='redis://...' or 'postgresql://...' or 'memory://')"
+            )
+        return self.source
+
+    async def status(self) -> TaskStatus:
+        """Read the task's status from the store (``unknown`` when it has none).
+
+        Raises:
+            ConfigurationError: the app has no store.
+            StoreError: the store did not answer.
+        """
+        return await self._source().status(self.id)
+
+    async def result(self, timeout: Duration | None = None) -> R:  # noqa: ASYNC109 (the contract names it)
+        """Wait until the task is done and return its value, decoded as its return type.
+
+        Args:
+            timeout: the longest wait; None waits as long as it takes.
+
+        Raises:
+            TaskFailed: it failed, was dead-lettered or skipped (type, message, reason).
+            ResultTimeoutError: not done within `timeout` (its status is in the message).
+            ConfigurationError: the app has no store, or the task has ``track=False``.
+            StoreError: the store did not answer.
+        """
+        seconds = None if timeout is None else check_seconds(timeout, "result()", "timeout")
+        value: R = await self._source().result(self.task, self.id, seconds)
+        return value
 
 
 class TaskPublisher(Protocol):
@@ -79,7 +141,7 @@ class TaskPublisher(Protocol):
         message_id: str | None = None,
         countdown: Duration | None = None,
         eta: datetime | None = None,
-    ) -> TaskHandle: ...
+    ) -> TaskHandle[Any]: ...
 
     async def publish_many(
         self,
@@ -87,7 +149,16 @@ class TaskPublisher(Protocol):
         arguments: Iterable[Sequence[Any] | Mapping[str, Any]],
         *,
         window: int,
-    ) -> list[TaskHandle]: ...
+    ) -> list[TaskHandle[Any]]: ...
+
+    async def call(
+        self,
+        task: Task[Any, Any],
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        *,
+        limit: float | None,
+    ) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +176,9 @@ class TaskOptions:
     routing_keys: tuple[str, ...]
     retry_on: tuple[type[BaseException], ...]
     dont_retry_on: tuple[type[BaseException], ...]
+    track: bool = True
+    idempotent: bool = False
+    idempotency_key: Callable[..., str] | None = None
 
     @classmethod
     def build(
@@ -121,6 +195,9 @@ class TaskOptions:
         routing_keys: Iterable[str] = (),
         retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
         dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        track: bool = True,
+        idempotent: bool = False,
+        idempotency_key: Callable[..., str] | None = None,
     ) -> TaskOptions:
         """Check every option, naming the task and the option in any error."""
         where = f"task {name!r}"
@@ -131,6 +208,14 @@ class TaskOptions:
                 f"{where}: dead_letter must be True, False or a queue name, got {dead_letter!r}"
             )
         keys = (routing_keys,) if isinstance(routing_keys, str) else tuple(routing_keys)
+        for option, flag in (("track", track), ("idempotent", idempotent)):
+            if not isinstance(flag, bool):
+                raise ConfigurationError(f"{where}: {option} must be True or False, got {flag!r}")
+        if idempotency_key is not None and not callable(idempotency_key):
+            raise ConfigurationError(
+                f"{where}: idempotency_key must be a function of the task's arguments "
+                f"returning a string, got {idempotency_key!r}"
+            )
         return cls(
             name=name,
             queue=queue,
@@ -149,6 +234,9 @@ class TaskOptions:
             routing_keys=keys,
             retry_on=_exception_types(retry_on, where, "retry_on", default=(Exception,)),
             dont_retry_on=_exception_types(dont_retry_on, where, "dont_retry_on", default=()),
+            track=track,
+            idempotent=idempotent or idempotency_key is not None,
+            idempotency_key=idempotency_key,
         )
 
     def route(self) -> QueueRoute:
@@ -192,7 +280,15 @@ def _exception_types(
 class _Signature:
     """The handler's parameters as a msgspec Struct, and how to call the handler from one."""
 
-    __slots__ = ("args_type", "context", "keyword_names", "kw_only", "n_positional", "names")
+    __slots__ = (
+        "args_type",
+        "context",
+        "keyword_names",
+        "kw_only",
+        "n_positional",
+        "names",
+        "result_type",
+    )
 
     def __init__(self, fn: Callable[..., Any], task: str) -> None:
         params = list(inspect.signature(fn).parameters.values())
@@ -202,6 +298,7 @@ class _Signature:
             raise ConfigurationError(
                 f"task {task!r}: cannot resolve the annotations of {fn.__qualname__}: {exc}"
             ) from exc
+        self.result_type = hints.get("return", Any)
         self.context = bool(params) and hints.get(params[0].name) is TaskContext
         if self.context and params[0].kind == params[0].KEYWORD_ONLY:
             raise ConfigurationError(
@@ -276,6 +373,8 @@ class Task(Generic[P, R]):
                 f"task {options.name!r}: unsupported parameter type: {exc}"
             ) from None
         _refuse_unknown_types(self.args_type, options.name)
+        self.result_type: Any = self._signature.result_type
+        self._result_decoder = _result_decoder(self.result_type, options.name)
         self.__doc__ = fn.__doc__
         self.__wrapped__ = fn
 
@@ -314,7 +413,7 @@ class Task(Generic[P, R]):
 
     # -- publishing -------------------------------------------------------------------------
 
-    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle:
+    async def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskHandle[R]:
         """Publish one message for this task and wait for the broker's confirm.
 
         Raises:
@@ -334,7 +433,7 @@ class Task(Generic[P, R]):
         headers: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
         message_id: str | None = None,
-    ) -> TaskHandle:
+    ) -> TaskHandle[R]:
         """Publish with message options: a delay, priority, extra headers, ids.
 
         Arguments are checked at run time (``apply_async`` cannot be typed like ``delay``).
@@ -376,7 +475,7 @@ class Task(Generic[P, R]):
 
     async def map(
         self, arguments: Iterable[Sequence[Any] | Mapping[str, Any]], *, window: int = 256
-    ) -> list[TaskHandle]:
+    ) -> list[TaskHandle[R]]:
         """Publish one message per item with pipelined confirms.
 
         Each item is a tuple of positional arguments or a dict of keyword arguments. Every
@@ -392,6 +491,60 @@ class Task(Generic[P, R]):
             BatchPublishError: some messages were not confirmed; it lists which.
         """
         return await self.publisher.publish_many(self, arguments, window=window)
+
+    async def call(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run the task on a worker and wait for its value (request/reply, no store needed).
+
+        The message goes out with RabbitMQ's direct reply-to; the worker replies once the
+        task is done: its value, or its final error after retries. Waits at most the app's
+        ``call_timeout``; for another limit use `call_within`.
+
+        Raises:
+            TaskFailed: the task failed for good, or was dead-lettered.
+            CallTimeoutError: no reply within the timeout (the task may still run).
+            CallInterruptedError: the connection was lost before the reply came.
+            ArgumentsError: the arguments do not fit the task's signature.
+            PublishError: the broker did not confirm the request.
+        """
+        value: R = await self.publisher.call(self, args, kwargs, limit=None)
+        return value
+
+    async def call_within(self, limit: Duration, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """`call` with its own timeout: ``await add.call_within("5s", 2, 3)``.
+
+        The timeout comes first because a keyword argument cannot sit beside a
+        ParamSpec's ``**kwargs`` (PEP 612): this way the task's arguments stay type-checked.
+        """
+        seconds = check_seconds(limit, f"task {self.name!r}", "call_within() limit", positive=True)
+        value: R = await self.publisher.call(self, args, kwargs, limit=seconds)
+        return value
+
+    def handle(self, task_id: str) -> TaskHandle[R]:
+        """Rebuild the handle of a task published earlier, from its id (typed by this task)."""
+        source = getattr(self.publisher, "source", None)
+        return TaskHandle(task_id, self.name, self.queue, task_id, source, self)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def encode_result(self, value: Any) -> bytes:
+        """Encode a return value as JSON, checked against the return annotation.
+
+        Raises:
+            msgspec.ValidationError: the value does not fit the annotation.
+            msgspec.EncodeError: it cannot be encoded at all.
+        """
+        data = _RESULT_ENCODER.encode(value)
+        if self._result_decoder is not None:
+            self._result_decoder.decode(data)
+        return data
+
+    def decode_result(self, data: bytes) -> R:
+        """Decode a stored or replied value as the handler's return type."""
+        if self._result_decoder is None:
+            value: R = msgspec.json.decode(data)
+            return value
+        result: R = self._result_decoder.decode(data)
+        return result
 
     # -- encoding ---------------------------------------------------------------------------
 
@@ -450,7 +603,38 @@ class Task(Generic[P, R]):
         return result
 
 
-def _refuse_unknown_types(args_type: type[msgspec.Struct], task: str) -> None:
+class AsyncTask(Task[P, R]):
+    """A task whose handler is a coroutine function: `R` is what the coroutine returns.
+
+    The same as `Task` at run time; for the type checker, calling it directly gives the
+    coroutine to await, while `delay`, `call` and results are typed by the awaited value.
+    """
+
+    def __call__(  # type: ignore[override]
+        self, *args: P.args, **kwargs: P.kwargs
+    ) -> Coroutine[Any, Any, R]:
+        """Run the handler in place: the coroutine to await (see `Task.__call__`)."""
+        return super().__call__(*args, **kwargs)  # type: ignore[return-value]
+
+
+def _result_decoder(result_type: Any, task: str) -> msgspec.json.Decoder[Any] | None:
+    """Build the decoder of a task's return type once, refusing types msgspec cannot encode.
+
+    None for ``Any`` and ``None`` return annotations: nothing to check.
+    """
+    if result_type is Any or result_type is None or result_type is type(None):
+        return None
+    try:
+        holder = msgspec.defstruct(f"{task}_result", [("value", result_type)])
+        _refuse_unknown_types(holder, task, what="return type")
+        return msgspec.json.Decoder(result_type, dec_hook=decode_other)
+    except TypeError as exc:
+        raise ConfigurationError(f"task {task!r}: unsupported return type: {exc}") from None
+
+
+def _refuse_unknown_types(
+    args_type: type[msgspec.Struct], task: str, *, what: str = "parameter type"
+) -> None:
     """Refuse parameter types neither msgspec nor pydantic can encode and validate.
 
     msgspec accepts any class in a Struct and leaves it to hooks; without this check a task
@@ -465,7 +649,7 @@ def _refuse_unknown_types(args_type: type[msgspec.Struct], task: str) -> None:
         seen.add(id(node))
         if isinstance(node, msgspec.inspect.CustomType) and not is_model_type(node.cls):
             raise ConfigurationError(
-                f"task {task!r}: parameter type {node.cls.__qualname__} cannot be encoded; use "
+                f"task {task!r}: {what} {node.cls.__qualname__} cannot be encoded; use "
                 "types msgspec supports (builtins, datetime, UUID, Decimal, enums, "
                 "dataclasses, msgspec Structs, TypedDicts) or a pydantic model"
             )

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 QueueType = Literal["classic", "quorum"]
-QueueRole = Literal["main", "retry", "dead-letter", "delay", "unroutable"]
+QueueRole = Literal["main", "retry", "dead-letter", "scheduler", "delay", "unroutable"]
 ExchangeType = Literal["direct", "topic", "headers", "fanout"]
 DestinationType = Literal["queue", "exchange"]
 

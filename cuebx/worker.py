@@ -21,7 +21,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -180,6 +180,8 @@ class Worker:
         self._wake = anyio.Event()
         self._immediate = False
         self._consumers_cancelled = False
+        # True from the moment every consumer is registered until the stop begins.
+        self._consuming = False
         # While a classic queue's redelivered message is re-published with its count, no
         # handler starts: see `_count_redelivery`.
         self._recounting = 0
@@ -235,6 +237,11 @@ class Worker:
     def stopping(self) -> bool:
         """True once a stop was asked for."""
         return self._stopping.is_set()
+
+    @property
+    def consuming(self) -> bool:
+        """True once every consumer is registered, until a stop begins (health checks)."""
+        return self._consuming and not self._stopping.is_set()
 
     def request_stop(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
@@ -296,8 +303,9 @@ class Worker:
                     queue.prefetch,
                     ", ".join(queue.tasks),
                 )
+            self._consuming = True
             task_status.started()
-            await self._stopping.wait()
+            await self._serve_until_stopping()
             logger.info(
                 "stopping: no new messages; waiting up to %gs for running handlers",
                 self.shutdown_timeout,
@@ -312,8 +320,29 @@ class Worker:
                     len(self._running),
                 )
         finally:
+            self._consuming = False
             with anyio.CancelScope(shield=True):
                 await self._shut_down(subscriptions)
+
+    async def _serve_until_stopping(self) -> None:
+        """Run the middleware's ``serve`` hooks beside the consumers until a stop begins."""
+        serve = self.stack.serve
+        if not serve:
+            await self._stopping.wait()
+            return
+        async with anyio.create_task_group() as services:
+            for hook in serve:
+                services.start_soon(self._serve, hook)
+            await self._stopping.wait()
+            services.cancel_scope.cancel()
+
+    async def _serve(self, hook: Callable[[Worker], Awaitable[None]]) -> None:
+        try:
+            await hook(self)
+        except Exception:
+            # A plug-in's service failing must not stop the tasks: say so and go on.
+            owner = type(getattr(hook, "__self__", hook)).__name__
+            logger.exception("middleware %s: its serve() failed; the worker goes on", owner)
 
     async def _shut_down(self, subscriptions: list[Subscription]) -> None:
         # Consumers first: a handler cancelled now requeues its message, which must not
@@ -425,6 +454,8 @@ class Worker:
                 queue=queue.name,
                 # A classic queue's redelivered message comes back as a counted copy.
                 redelivered=delivery.redelivered or HEADER_REDELIVERIES in headers,
+                published_at=delivery.timestamp,
+                reply_to=delivery.reply_to,
             )
             await self._run(queue, task, context, decision.arguments, delivery)
             return
@@ -443,6 +474,7 @@ class Worker:
             task_name=known or "",
             queue=queue.name,
             redelivered=delivery.redelivered,
+            reply_to=delivery.reply_to,
         )
         if isinstance(decision, CountRedelivery):
             await self._count_redelivery(queue, delivery, context, decision.count)
@@ -870,6 +902,7 @@ def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
         headers={k: v for k, v in delivery.headers.items() if k not in BROKER_HEADERS},
         timestamp=delivery.timestamp or datetime.now(UTC),
         priority=delivery.priority,
+        reply_to=delivery.reply_to,
     )
 
 

@@ -11,6 +11,7 @@ translated into cuebx's at this boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -25,10 +26,19 @@ import aio_pika
 import aiormq
 import anyio
 from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 from aiormq.abc import DeliveredMessage
 from pamqp import commands as spec
 
-from cuebx.brokers.base import DeliveryHandler, SystemClock, mask_url
+from cuebx.brokers.base import (
+    UNREADABLE,
+    DeliveryHandler,
+    LostHandler,
+    QueueState,
+    ReplyHandler,
+    SystemClock,
+    mask_url,
+)
 from cuebx.errors import (
     BrokerUnavailableError,
     PublishError,
@@ -59,7 +69,27 @@ def _not_a_refused_connection(record: logging.LogRecord) -> bool:
 
 logging.getLogger("aiormq.connection").addFilter(_not_a_refused_connection)
 
+
+def _not_a_channel_restored_too_early(record: logging.LogRecord) -> bool:
+    """When a connection is lost, each robust channel's close callback tries to reopen it on
+    the connection that is gone, fails, and aio-pika logs that as an error; the connection
+    reopens every channel once it is back, and cuebx reports the loss itself."""
+    args = record.args
+    return not (
+        record.msg == "Callback %r error: %s: %s"
+        and isinstance(args, tuple)
+        and len(args) == 3
+        and args[1] == "RuntimeError"
+        and "RobustChannel._on_close" in repr(args[0])
+        and str(args[2]).endswith(" closed")
+    )
+
+
+logging.getLogger("aio_pika.tools").addFilter(_not_a_channel_restored_too_early)
+
 _PERSISTENT = 2
+#: RabbitMQ's pseudo-queue for direct reply-to (no declaration, consumed in no-ack mode).
+_DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _LOST_CHANNEL = (
     aiormq.exceptions.ChannelInvalidStateError,
     aiormq.exceptions.AMQPError,
@@ -147,7 +177,7 @@ class _AmqpDelivery:
 
     def __init__(self, message: DeliveredMessage, acks: _Acks) -> None:
         delivery = message.delivery
-        assert isinstance(delivery, spec.Basic.Deliver)
+        assert isinstance(delivery, spec.Basic.Deliver | spec.Basic.GetOk)
         self._channel = message.channel
         self._acks = acks
         self._props = message.header.properties
@@ -178,6 +208,15 @@ class _AmqpDelivery:
     @property
     def timestamp(self) -> datetime | None:
         return self._props.timestamp
+
+    @property
+    def channel_open(self) -> bool:
+        # aio-pika reopens a lost channel as a new aiormq channel: this one stays closed.
+        return not self._channel.is_closed
+
+    @property
+    def reply_to(self) -> str | None:
+        return self._props.reply_to
 
     async def ack(self) -> None:
         try:
@@ -340,6 +379,88 @@ class _Subscription:
             logger.debug("closing the channel of %r failed: %s", self.queue, exc)
 
 
+class _FailoverConnection(aio_pika.RobustConnection):
+    """A robust connection that moves to the next node of a cluster when it loses one.
+
+    aio-pika reconnects a robust connection to its `url`, which each attempt reads anew.
+    Every lost connection and every failed attempt goes through `_on_connection_close`
+    (aio-pika hands a failed attempt a closing future that holds its error), so pointing
+    `url` at the next node there sends the next attempt to it: round robin, starting from
+    the node after the one lost. aio-pika then restores the channels (consumers, the
+    publisher) on whichever node answered. With a single URL this is aio-pika's robust
+    connection as it is.
+
+    Log lines, aio-pika's too (through `__str__`), name the node they are about, with its
+    password masked: the node connected to, or the one whose attempt just failed.
+    """
+
+    def __init__(self, urls: Sequence[str], index: int, **kwargs: Any) -> None:
+        self.nodes = tuple(urls)
+        #: The node connected to, or tried last; `_next` is the one the next attempt uses.
+        self.node = self._next = index
+        self._up = False
+        super().__init__(make_url(urls[index]), **kwargs)
+
+    @property
+    def node_url(self) -> str:
+        return self.nodes[self.node]
+
+    def __str__(self) -> str:
+        return mask_url(self.node_url)
+
+    async def _on_connected(self) -> None:
+        self.node = self._next
+        await super()._on_connected()
+        self._up = True
+        if self.connection_attempt > 1:  # aio-pika has counted this attempt already
+            logger.info("reconnected to RabbitMQ at %s", mask_url(self.node_url))
+
+    async def _on_connection_close(self, closing: asyncio.Future[Any]) -> None:
+        # Not before the first connection: `AmqpBroker._open` tries the nodes and reports.
+        if self.connection_attempt and not (self._close_called or self.is_closed):
+            self._move_on(closing)
+        self._up = False
+        await super()._on_connection_close(closing)
+
+    def _move_on(self, closing: asyncio.Future[Any]) -> None:
+        """Point the next attempt at the next node, and say what happened to this one."""
+        self.node = self._next
+        # Log the URL as a string: the connection's own text changes with the next attempt.
+        here = mask_url(self.node_url)
+        if len(self.nodes) == 1:
+            if self._up:  # a failed attempt: aio-pika's own warning says so
+                logger.warning(
+                    "lost the connection to RabbitMQ at %s (%s): reconnecting",
+                    here,
+                    _closing_reason(closing),
+                )
+            return
+        self._next = (self.node + 1) % len(self.nodes)
+        self.url = make_url(self.nodes[self._next])
+        logger.warning(
+            "%s RabbitMQ at %s (%s): trying %s next",
+            "lost the connection to" if self._up else "cannot connect to",
+            here,
+            _closing_reason(closing),
+            mask_url(self.nodes[self._next]),
+        )
+
+
+def _closing_reason(closing: asyncio.Future[Any]) -> str:
+    """Why a connection closed, in a few words."""
+    if closing.cancelled():
+        return "cancelled"
+    exc = closing.exception()
+    if exc is None:
+        return "closed"
+    return str(exc) or type(exc).__name__
+
+
+def _failed(failures: Sequence[tuple[str, BaseException]]) -> str:
+    """``"<masked url>: <error>; ..."``, for the nodes that could not be reached."""
+    return "; ".join(f"{mask_url(url)}: {exc or type(exc).__name__}" for url, exc in failures)
+
+
 class AmqpBroker:
     """The `Broker` protocol on RabbitMQ.
 
@@ -350,12 +471,15 @@ class AmqpBroker:
         connect_timeout: seconds to wait for the first connection.
         connection_name: shown in the management UI and ``rabbitmqctl list_connections``.
         reconnect_interval: seconds between attempts to get a lost connection back.
+        urls: every node of a RabbitMQ cluster, `url` first; a lost connection moves to
+            the next one that answers (see `_FailoverConnection`). Just `url` when empty.
     """
 
     def __init__(
         self,
         url: str,
         *,
+        urls: Sequence[str] = (),
         publish_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         connection_name: str | None = None,
@@ -363,6 +487,7 @@ class AmqpBroker:
     ) -> None:
         self.url = url
         self.clock = SystemClock()
+        self.urls = tuple(urls) or (url,)
         self.reconnect_interval = reconnect_interval
         self.publish_timeout = publish_timeout
         self.connect_timeout = connect_timeout
@@ -370,8 +495,14 @@ class AmqpBroker:
         self._connection: AbstractRobustConnection | None = None
         self._publisher: AbstractRobustChannel | None = None
         self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
+        self._publisher_reopen_after = 0.0
         self._subscriptions: set[_Subscription] = set()
         self._lock = anyio.Lock()
+        # The channel of `get`, with the acks of what it fetched.
+        self._getter: AbstractRobustChannel | None = None
+        self._getter_acks: _Acks | None = None
+        # The channel the direct reply-to consumer runs on (the publisher's, at the time).
+        self._replies_on: aiormq.abc.AbstractChannel | None = None
 
     # -- connection -------------------------------------------------------------------------
 
@@ -379,27 +510,72 @@ class AmqpBroker:
         async with self._lock:
             if self._connection is not None and not self._connection.is_closed:
                 return
-            try:
-                with anyio.fail_after(self.connect_timeout):
-                    connection = await aio_pika.connect_robust(
-                        self.url,
-                        client_properties={"connection_name": self.connection_name},
-                        reconnect_interval=self.reconnect_interval,
-                    )
-            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
-                raise BrokerUnavailableError(
-                    f"cannot connect to RabbitMQ at {mask_url(self.url)}: "
-                    f"{exc or type(exc).__name__}"
-                ) from exc
+            connection = await self._open()
             self._publisher = await connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
             self._connection = connection
 
+    @property
+    def connected(self) -> bool:
+        """True while the connection is up; False while aio-pika restores a lost one."""
+        connection = self._connection
+        return (
+            connection is not None
+            and not connection.is_closed
+            and connection.connected.is_set()
+            and connection.transport is not None
+            and not connection.transport.connection.is_closed
+        )
+
+    async def _open(self) -> _FailoverConnection:
+        """Connect to the first node that answers, trying the URLs in order.
+
+        Each node gets an equal share of the connect timeout, for this attempt and for every
+        reconnection attempt later, so a node that swallows packets cannot use up the time
+        the others need.
+        """
+        share = self.connect_timeout / len(self.urls)
+        failures: list[tuple[str, BaseException]] = []
+        with anyio.move_on_after(self.connect_timeout + 1):
+            for index, url in enumerate(self.urls):
+                connection = _FailoverConnection(
+                    self.urls,
+                    index,
+                    client_properties={"connection_name": self.connection_name},
+                    reconnect_interval=self.reconnect_interval,
+                )
+                try:
+                    await connection.connect(timeout=share)
+                except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                    await connection.close()
+                    failures.append((url, exc))
+                    continue
+                if failures:
+                    logger.warning(
+                        "connected to RabbitMQ at %s; %s", mask_url(url), _failed(failures)
+                    )
+                return connection
+        if len(failures) < len(self.urls):  # the overall deadline struck mid-attempt
+            failures.append((self.urls[len(failures)], TimeoutError("timed out")))
+        if len(self.urls) == 1:
+            where = f"RabbitMQ at {_failed(failures)}"
+        else:
+            where = f"any of {len(self.urls)} RabbitMQ nodes: {_failed(failures)}"
+        raise BrokerUnavailableError(f"cannot connect to {where}") from failures[-1][1]
+
+    @property
+    def node_url(self) -> str:
+        """The URL of the node the connection is on or tries next; before connecting, the first."""
+        connection = self._connection
+        if isinstance(connection, _FailoverConnection):
+            return connection.node_url
+        return self.url
+
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise BrokerUnavailableError(
-                f"not connected to {mask_url(self.url)}: call `await app.connect()` first"
+                f"not connected to {mask_url(self.node_url)}: call `await app.connect()` first"
             )
         return self._connection
 
@@ -407,6 +583,7 @@ class AmqpBroker:
         async with self._lock:
             connection, self._connection = self._connection, None
             subscriptions, self._subscriptions = list(self._subscriptions), set()
+            self._getter = self._getter_acks = None
             if connection is None:
                 return
             for subscription in subscriptions:
@@ -484,6 +661,100 @@ class AmqpBroker:
                 found.append(_as_outgoing(message))
         return found
 
+    async def get(self, queue: str) -> _AmqpDelivery | None:
+        """``basic.get`` on the broker's channel for gets; settle the delivery on it.
+
+        The channel stays open between calls, so a delivery fetched here stays unacked (and
+        invisible to consumers) until it is settled, the broker is closed or the connection
+        is lost; then RabbitMQ puts it back.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        underlay = await self._get_channel()
+        try:
+            message = await underlay.basic_get(queue, no_ack=False)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise LookupError(f"queue {queue!r} does not exist") from None
+        if not isinstance(message.delivery, spec.Basic.GetOk):
+            return None
+        acks = self._getter_acks
+        if acks is None or acks.channel is not underlay:
+            acks = self._getter_acks = _Acks(underlay)
+        return _AmqpDelivery(message, acks)
+
+    async def _get_channel(self) -> aiormq.abc.AbstractChannel:
+        """The open aiormq channel of `get`; a fresh one after a channel error closed it."""
+        channel = self._getter
+        if channel is not None and not channel.is_closed:
+            underlay = await channel.get_underlay_channel()
+            if not underlay.is_closed:
+                return underlay
+            await channel.close()
+        channel = self._getter = await self._require().channel(publisher_confirms=False)
+        return await channel.get_underlay_channel()
+
+    async def queue_state(self, queue: str) -> QueueState | None:
+        try:
+            async with self._scratch_channel(queue) as channel:
+                ok = await channel.queue_declare(queue, passive=True)
+        except LookupError:
+            return None
+        return QueueState(queue, int(ok.message_count or 0), int(ok.consumer_count or 0))
+
+    async def compare_queue(
+        self, queue: str, arguments: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Learn how `queue` differs by declaring it again on scratch channels.
+
+        RabbitMQ names one inequivalent argument per refusal, with both values; the broker's
+        value is put into the next declaration until one succeeds, so each argument is
+        found in turn. A passive declaration first: nothing missing is ever created (a queue
+        deleted between the two would be, by the declaration that follows).
+        """
+        if await self.queue_state(queue) is None:
+            return None
+        probe = _Probe(dict(arguments))
+        for _ in range(2 * len(arguments) + 8):
+            try:
+                async with self._scratch_channel(queue) as channel:
+                    await channel.queue_declare(queue, arguments=probe.trial, **probe.flags)
+                return probe.found
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                text = _reply_text(exc)
+                if not probe.learn(text):
+                    return probe.found
+            except (LookupError, aiormq.exceptions.AMQPError) as exc:
+                raise TopologyError(f"cannot compare queue {queue!r}: {_reply_text(exc)}") from None
+        raise TopologyError(f"cannot compare queue {queue!r}: RabbitMQ kept refusing ({text})")
+
+    async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
+        """Learn how `exchange` differs, by a passive declaration, then declarations again."""
+        try:
+            async with self._scratch_channel() as channel:
+                await channel.exchange_declare(exchange, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return None
+        flags: dict[str, Any] = {"exchange_type": kind, "durable": True}
+        found: dict[str, Any] = {}
+        for _ in range(4):
+            try:
+                async with self._scratch_channel() as channel:
+                    await channel.exchange_declare(exchange, **flags)
+                return found
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                current = _current_value(
+                    _reply_text(exc), {"type": kind, "durable": flags["durable"]}
+                )
+                if current is None:
+                    raise TopologyError(
+                        f"cannot compare exchange {exchange!r}: {_reply_text(exc)}"
+                    ) from None
+            argument, value = current
+            found[argument] = value
+            flags["exchange_type" if argument == "type" else argument] = value
+        raise TopologyError(f"cannot compare exchange {exchange!r}: RabbitMQ kept refusing")
+
     # -- publishing -------------------------------------------------------------------------
 
     async def _publish_channel(self) -> aiormq.abc.AbstractChannel:
@@ -517,6 +788,7 @@ class AmqpBroker:
             message_id=message.message_id,
             timestamp=message.timestamp,
             headers=headers if type(headers) is dict else dict(headers),
+            reply_to=message.reply_to,
         )
         timeout = self.publish_timeout
         try:
@@ -536,7 +808,7 @@ class AmqpBroker:
             )
         except TimeoutError:
             raise PublishTimeoutError(
-                f"no confirm from {mask_url(self.url)} within {self.publish_timeout:g}s for "
+                f"no confirm from {mask_url(self.node_url)} within {self.publish_timeout:g}s for "
                 f"message {message.message_id} to {_target(exchange, routing_key)}; it may or "
                 "may not have been stored"
             ) from None
@@ -545,16 +817,99 @@ class AmqpBroker:
                 f"message {message.message_id} to {_target(exchange, routing_key)} was "
                 "returned: no queue is bound for that routing key (declare the topology first)"
             ) from None
+        except aiormq.exceptions.DeliveryError:
+            confirm = None
         except _LOST_CHANNEL as exc:
             raise PublishError(
                 f"message {message.message_id} to {_target(exchange, routing_key)} was not "
                 f"confirmed: {exc or type(exc).__name__}"
             ) from exc
         if not isinstance(confirm, spec.Basic.Ack):
+            await self._nacked(underlay)
             raise PublishError(
                 f"message {message.message_id} to {_target(exchange, routing_key)} was "
                 "nacked by the broker"
             )
+
+    async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
+        underlay = self._publisher_underlay
+        if underlay is None or underlay.is_closed:
+            underlay = await self._publish_channel()
+        if self._replies_on is underlay and not underlay.is_closed:
+            return _DIRECT_REPLY_TO
+        self._replies_on = underlay
+
+        def deliver(message: DeliveredMessage) -> None:
+            props = message.header.properties
+            on_reply(props.correlation_id, props.headers or {}, message.body)
+
+        async def on_message(message: DeliveredMessage) -> None:
+            deliver(message)
+
+        def closed(closing: asyncio.Future[Any]) -> None:
+            if self._replies_on is underlay:
+                self._replies_on = None
+            error = None if closing.cancelled() else closing.exception()
+            on_lost(error)
+
+        try:
+            await underlay.basic_consume(_DIRECT_REPLY_TO, on_message, no_ack=True)
+        except BaseException:
+            self._replies_on = None
+            raise
+        underlay.closing.add_done_callback(closed)
+        return _DIRECT_REPLY_TO
+
+    async def reply(self, reply_to: str, message: OutgoingMessage) -> None:
+        properties = spec.Basic.Properties(
+            content_type=message.content_type,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            headers=dict(message.headers),
+        )
+        try:
+            underlay = self._publisher_underlay
+            if underlay is None or underlay.is_closed:
+                underlay = await self._publish_channel()
+            # Not mandatory: on RabbitMQ before 4.x a mandatory publish to a reply-to
+            # address is returned even when it is delivered, and a caller that has gone
+            # is no error of the worker's: RabbitMQ drops the reply.
+            confirm = await underlay.basic_publish(
+                message.body,
+                exchange="",
+                routing_key=reply_to,
+                properties=properties,
+                timeout=self.publish_timeout,
+            )
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"no confirm within {self.publish_timeout:g}s for the reply to {reply_to!r}"
+            ) from None
+        except _LOST_CHANNEL as exc:
+            raise PublishError(f"the reply to {reply_to!r} was not confirmed: {exc}") from exc
+        if not isinstance(confirm, spec.Basic.Ack):
+            raise PublishError(f"the reply to {reply_to!r} was nacked by the broker")
+
+    async def _nacked(self, underlay: aiormq.abc.AbstractChannel | None) -> None:
+        """Reopen the publisher channel after a nack, at most once a second.
+
+        A channel whose first publish to a quorum queue reaches RabbitMQ while the queue
+        elects a new leader (its node was lost) can go on nacking every later publish to
+        that queue, while a channel opened after the election publishes normally (seen on
+        RabbitMQ 3.10). A fresh channel gets past it; a queue that nacks for another reason
+        (``reject-publish`` at its length limit) costs one new channel a second.
+        """
+        now = time.monotonic()
+        if underlay is None or underlay is not self._publisher_underlay:
+            return  # another nacked publish reopened it already
+        if now < self._publisher_reopen_after:
+            return
+        self._publisher_reopen_after = now + 1.0
+        self._publisher_underlay = None
+        logger.info("a publish was nacked: reopening the publisher channel")
+        with anyio.move_on_after(self.connect_timeout), contextlib.suppress(*_LOST_CHANNEL):
+            await underlay.close()  # aio-pika's robust channel opens a new one
 
     async def publish_many(
         self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int
@@ -678,6 +1033,109 @@ async def _bind_all(channel: aiormq.abc.AbstractChannel, bindings: Sequence[Bind
         ) from None
 
 
+#: The broker's side of a PRECONDITION_FAILED reply: "... but current is none", "... but
+#: current is the value '1000' of type 'short'", or "... but current is '1000'" (bare when
+#: both sides have a value).
+_CURRENT = re.compile(
+    r"inequivalent arg '(?P<arg>[^']+)'.* but current is "
+    r"(?:none|the value '(?P<typed>.*)' of type '(?P<type>\w+)'|'(?P<bare>.*)')$"
+)
+_INTEGER_TYPES = frozenset(
+    {"byte", "short", "signedint", "long", "unsignedbyte", "unsignedshort", "unsignedint"}
+)
+
+
+class _Probe:
+    """What `AmqpBroker.compare_queue` declares next, and what it learnt so far."""
+
+    def __init__(self, trial: dict[str, Any]) -> None:
+        self.trial = trial
+        self.flags: dict[str, Any] = {"durable": True, "auto_delete": False}
+        self.found: dict[str, Any] = {}
+        self._blind: set[str] = set()
+
+    def learn(self, text: str) -> bool:
+        """Put the queue's value named in `text` into the next trial; False to stop.
+
+        RabbitMQ cuts its reply text at 255 bytes, which long names overrun: when the
+        queue's value is cut off, the argument is left out of the next trial, so the reply
+        names it again without our value ("received none but current is ..."), shorter.
+        If that is cut too, the value is `UNREADABLE` and the probe stops there.
+
+        Raises:
+            TopologyError: `text` is not an inequivalent-argument refusal.
+        """
+        current = _current_value(text, {**self.trial, **self.flags})
+        if current is None:
+            named = _NAMED.search(text)
+            if named is None:
+                raise TopologyError(f"cannot compare: {text}")
+            argument = named["arg"]
+            if argument in self.trial and argument not in self._blind:
+                self._blind.add(argument)
+                self.trial.pop(argument)
+                return True
+            self.found[argument] = UNREADABLE
+            return False
+        argument, value = current
+        self.found[argument] = value
+        if argument in self.flags:
+            self.flags[argument] = bool(value)
+        elif value is None:
+            self.trial.pop(argument, None)
+        else:
+            self.trial[argument] = value
+        return True
+
+
+_NAMED = re.compile(r"inequivalent arg '(?P<arg>[^']+)'")
+
+
+def _current_value(text: str, declared: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """Read the argument RabbitMQ refused and the queue's own value of it from `text`.
+
+    A typed value is read as its AMQP type says; a bare one like the value `declared` for
+    it, unless that reads the same as ours: then only the types differ, and the queue's is
+    the other kind (a string where we sent a number, or the reverse).
+    """
+    match = _CURRENT.search(text)
+    if match is None:
+        return None
+    argument = match["arg"]
+    if match["typed"] is not None:
+        return argument, _typed_value(match["typed"], match["type"])
+    if match["bare"] is None:
+        return argument, None
+    ours = declared.get(argument)
+    value = _value_like(match["bare"], ours)
+    if type(value) is type(ours) and value == ours:
+        value = match["bare"] if not isinstance(ours, str) else _reply_value(match["bare"])
+    return argument, value
+
+
+def _typed_value(text: str, kind: str) -> Any:
+    if kind in _INTEGER_TYPES:
+        return int(text)
+    if kind == "bool":
+        return text == "true"
+    if kind in ("float", "double"):
+        return float(text)
+    return text
+
+
+def _value_like(text: str, ours: Any) -> Any:
+    try:
+        if isinstance(ours, bool):
+            return text == "true"
+        if isinstance(ours, int):
+            return int(text)
+        if isinstance(ours, float):
+            return float(text)
+    except ValueError:
+        pass
+    return text
+
+
 def _reply_text(exc: BaseException) -> str:
     """RabbitMQ's reply text of a channel error, such as "PRECONDITION_FAILED - ..."."""
     return str(exc.args[0] if exc.args else exc) or type(exc).__name__
@@ -728,6 +1186,7 @@ def _as_outgoing(message: DeliveredMessage) -> OutgoingMessage:
         headers=dict(props.headers or {}),
         timestamp=props.timestamp or datetime.fromtimestamp(0, UTC),
         priority=props.priority,
+        reply_to=props.reply_to,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeAlias, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
@@ -27,9 +28,13 @@ __all__ = [
     "Clock",
     "Delivery",
     "DeliveryHandler",
+    "LostHandler",
+    "QueueState",
+    "ReplyHandler",
     "Subscription",
     "BROKER_SCHEMES",
     "SystemClock",
+    "UNREADABLE",
     "broker_for_url",
     "mask_url",
 ]
@@ -55,6 +60,16 @@ class Delivery(Protocol):
     def timestamp(self) -> datetime | None: ...
     @property
     def redelivered(self) -> bool: ...
+    @property
+    def channel_open(self) -> bool:
+        """False once the channel that delivered it closed: the broker put the message back
+        in its queue, and settling it does nothing. Lets code that holds a delivery for long
+        (a scheduler's state message) learn that it no longer holds it."""
+        ...
+
+    @property
+    def reply_to(self) -> str | None:
+        """Where the publisher waits for a reply (direct reply-to), if anywhere."""
 
     async def ack(self) -> None:
         """Acknowledge: the broker forgets the message. A lost channel is not an error:
@@ -63,6 +78,12 @@ class Delivery(Protocol):
     async def reject(self, *, requeue: bool) -> None:
         """Reject: requeue it, or let the broker dead-letter (or drop) it."""
 
+
+ReplyHandler: TypeAlias = Callable[[str | None, Mapping[str, Any], bytes], None]
+"""Called by a broker for each reply: ``(correlation_id, headers, body)``, in its reader."""
+
+LostHandler: TypeAlias = Callable[[BaseException | None], None]
+"""Called by a broker when the channel its replies came on is gone, with why."""
 
 DeliveryHandler: TypeAlias = Callable[[Delivery], Coroutine[Any, Any, None]]
 """Called by a broker once per delivery, each call in its own task; it settles the delivery."""
@@ -122,10 +143,44 @@ class SystemClock:
         await self.sleep_until(epoch_seconds)
 
 
+class _Unreadable:
+    def __repr__(self) -> str:
+        return "<not readable: RabbitMQ cut its reply short>"
+
+
+UNREADABLE: Any = _Unreadable()
+"""A queue argument's value a broker could not read back (see `Broker.compare_queue`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueState:
+    """What a broker tells about one queue without taking anything from it.
+
+    Attributes:
+        name: the queue.
+        ready: messages ready for delivery.
+        consumers: consumers registered on it.
+        unacked: messages delivered and not yet settled, when the broker says
+            (``memory://`` does; RabbitMQ's ``queue.declare-ok`` carries ready and consumers
+            only, so over AMQP it is None).
+    """
+
+    name: str
+    ready: int
+    consumers: int
+    unacked: int | None = None
+
+
 class Broker(Protocol):
     """What cuebx needs from a broker."""
 
     url: str
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open (False before `connect`, after `close`, and
+        while a lost connection is being restored)."""
+        ...
 
     @property
     def clock(self) -> Clock:
@@ -186,8 +241,60 @@ class Broker(Protocol):
     async def queue_length(self, queue: str) -> int:
         """Return how many messages are ready in `queue` (not counting unacked ones)."""
 
+    async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
+        """Receive replies on the channel `publish` uses; return the address to reply to.
+
+        RabbitMQ's direct reply-to: a ``basic.consume`` of ``amq.rabbitmq.reply-to`` in
+        no-ack mode, on the same channel that publishes the requests (RabbitMQ ties the
+        replies to it). Idempotent while that channel lives. When the channel or connection
+        is lost, `on_lost` is called once: replies on their way are dropped by RabbitMQ, and
+        the next call registers a new consumer.
+        """
+
+    async def reply(self, reply_to: str, message: OutgoingMessage) -> None:
+        """Send a reply through the default exchange to `reply_to`, with a confirm.
+
+        Not mandatory: a caller that has gone is not an error (RabbitMQ drops the reply).
+
+        Raises:
+            PublishError: the broker did not confirm it.
+        """
+
     async def peek(self, queue: str, limit: int = 1000) -> list[OutgoingMessage]:
         """Return up to `limit` ready messages of `queue`, in order, leaving them there."""
+
+    async def get(self, queue: str) -> Delivery | None:
+        """Take the next ready message of `queue` (``basic.get``), or None when there is none.
+
+        The delivery is settled like a consumed one: ack it, or reject it. Until then it is
+        unacked, and closing the broker (or losing the connection) puts it back.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+
+    async def queue_state(self, queue: str) -> QueueState | None:
+        """Describe `queue` (a passive ``queue.declare``), or return None if it does not exist."""
+
+    async def compare_queue(
+        self, queue: str, arguments: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """Tell how `queue` differs from a declaration with `arguments` (durable), changing nothing.
+
+        Returns:
+            None when the queue does not exist; else, for every argument a declaration would
+            be refused over, the queue's own value (None when the queue does not set it,
+            `UNREADABLE` when it could not be read back); ``durable`` is named like an
+            argument. Empty when the declaration would succeed.
+        """
+
+    async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
+        """Tell how `exchange` differs from a durable exchange of type `kind`, changing nothing.
+
+        Returns:
+            None when it does not exist; else ``{"type": ...}`` and/or ``{"durable": ...}``
+            with the exchange's own values where they differ; empty when they match.
+        """
 
 
 BROKER_SCHEMES = {

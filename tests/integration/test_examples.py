@@ -136,3 +136,68 @@ def test_the_celery_migration_example_runs_on_its_own() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "dead letter in orders.dlq: rejected {'order_id': -1}" in result.stdout
+
+
+def test_the_periodic_example_runs_a_day_of_jobs_on_the_memory_clock(
+    examples_on_path: None,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "CUEBX_BROKER_URL"}
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "periodic.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "cleanup: 288 runs" in lines  # every 5 minutes
+    assert "ping: 2880 runs" in lines  # every 30 seconds
+    assert "rebuild_search_index: 24 runs" in lines
+    assert "daily: 1 runs" in lines
+
+
+def test_the_notifications_example_reports_pending_then_sent_or_failed(
+    rabbitmq_url: str, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from tests.stores import REDIS_URL, forget_redis_prefix, namespace
+
+    monkeypatch.setenv("NOTIFICATIONS_STORE", f"{REDIS_URL}?prefix={namespace(prefix)}")
+    monkeypatch.setenv("NOTIFICATIONS_QUEUE", f"{prefix}.notifications")
+    monkeypatch.syspath_prepend(str(EXAMPLES / "notifications"))
+    sys.modules.pop("service", None)
+    service = importlib.import_module("service")
+    try:
+        with TestClient(service.api) as client:
+            sent = client.post(
+                "/notifications",
+                json={"type": "email", "recipient": "ann@example.com", "content": "Hello!"},
+            )
+            assert sent.status_code == 202
+            assert sent.json()["status"] == "pending"
+            bounced = client.post(
+                "/notifications",
+                json={"type": "sms", "recipient": "bob@invalid.example", "content": "Hi"},
+            )
+            ok = _poll(client, sent.json()["id"], "sent")
+            assert ok["receipt"] == "email to ann@example.com: 6 characters"
+            failed = _poll(client, bounced.json()["id"], "failed")
+            assert failed["error"] == "cannot deliver to bob@invalid.example"
+            assert client.get("/notifications/no-such-id/status").status_code == 404
+    finally:
+        _delete_topology(service.tasks)
+        forget_redis_prefix(namespace(prefix))
+        sys.modules.pop("service", None)
+
+
+def _poll(client: TestClient, notification_id: str, wanted: str) -> dict[str, object]:
+    deadline = time.monotonic() + 10
+    while True:
+        body: dict[str, object] = client.get(f"/notifications/{notification_id}/status").json()
+        if body["status"] == wanted or time.monotonic() > deadline:
+            assert body["status"] == wanted, body
+            return body
+        time.sleep(0.02)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import anyio
 import pytest
 
 from cuebx import (
@@ -272,3 +273,38 @@ async def test_a_rejected_message_reaches_on_dead_letter_as_rejected(
     await worker.stop()
     [dead] = await dead_letters(app, queue)
     assert dead.reason == "rejected"
+
+
+async def test_serve_runs_beside_the_consumers_until_the_stop_begins(
+    make_app: AppFactory, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    journal: list[str] = []
+
+    class Service(Middleware):
+        async def serve(self, worker: WorkerView) -> None:
+            journal.append(f"serving {','.join(worker.queue_names)}")
+            try:
+                await anyio.sleep_forever()
+            finally:
+                journal.append("service cancelled")
+
+    class Broken(Middleware):
+        async def serve(self, worker: WorkerView) -> None:
+            raise RuntimeError("the service fell over")
+
+    app = make_app(middleware=[Service(), Broken()])
+    queue = f"{prefix}.served"
+    ran: list[int] = []
+
+    @app.task(queue=queue)
+    async def job(n: int) -> None:
+        journal.append("handler")
+        ran.append(n)
+
+    worker = await app.start_consumers()
+    await wait_for(lambda: f"serving {queue}" in journal, what="the service to start")
+    await job.delay(1)
+    await wait_for(lambda: ran == [1], what="the task, beside a failed service")
+    await worker.stop()
+    assert journal == [f"serving {queue}", "handler", "service cancelled"]
+    assert any("Broken: its serve() failed" in r.getMessage() for r in caplog.records)

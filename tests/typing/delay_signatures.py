@@ -6,6 +6,8 @@ catching it, the ignore would become unused and mypy would fail the test command
 
 from __future__ import annotations
 
+from typing import Any
+
 from cuebx import Cuebx, TaskContext, TaskHandle
 
 app = Cuebx("memory://")
@@ -25,7 +27,7 @@ def sync_report(day: str) -> str:
     return day
 
 
-async def good_calls() -> list[TaskHandle]:
+async def good_calls() -> list[TaskHandle[Any]]:
     return [
         await send_welcome.delay("a@example.com", "Ann"),
         await send_welcome.delay("a@example.com", name="Ann", urgent=True),

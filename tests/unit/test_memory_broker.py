@@ -919,3 +919,75 @@ def test_memory_urls_never_import_aio_pika() -> None:
 
 def _ttl_to(ms: int, queue: str) -> dict[str, Any]:
     return {"x-message-ttl": ms, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}
+
+
+# -- single active consumer, x-max-length --------------------------------------------------
+
+ELECTION = Topology(
+    "cuebx",
+    (
+        QueueSpec("election", "scheduler", {"x-single-active-consumer": True}),
+        QueueSpec("latest", "scheduler", {"x-max-length": 1}),
+    ),
+)
+
+
+async def test_a_single_active_consumer_queue_delivers_to_its_first_consumer_only(
+    broker: MemoryBroker,
+) -> None:
+    await broker.declare(ELECTION)
+    async with consuming(broker, "election") as first, consuming(broker, "election") as second:
+        for body in (b"a", b"b", b"c"):
+            await broker.publish("", "election", message(body))
+        got = [await first.next() for _ in range(3)]
+        assert [d.body for d in got] == [b"a", b"b", b"c"]
+        assert await second.nothing_more()
+
+
+async def test_the_next_consumer_takes_over_with_what_the_active_one_held_when_its_channel_closes(
+    broker: MemoryBroker,
+) -> None:
+    await broker.declare(ELECTION)
+    await broker.publish("", "election", message(b"state"))
+    async with consuming(broker, "election") as first, consuming(broker, "election") as second:
+        held = await first.next()
+        assert held.channel_open is True
+        assert await second.nothing_more()
+
+        await first.subscription.close()
+
+        again = await second.next()
+        assert (again.body, again.redelivered) == (b"state", True)
+        assert held.channel_open is False
+        await held.ack()  # does nothing: the message is back in its queue
+        assert again.channel_open is True
+
+
+async def test_a_cancelled_active_consumer_hands_new_messages_to_the_next(
+    broker: MemoryBroker,
+) -> None:
+    await broker.declare(ELECTION)
+    async with consuming(broker, "election") as first, consuming(broker, "election") as second:
+        await first.subscription.cancel()
+        await broker.publish("", "election", message(b"after"))
+        assert (await second.next()).body == b"after"
+
+
+async def test_x_max_length_drops_the_oldest_ready_message(broker: MemoryBroker) -> None:
+    await broker.declare(ELECTION)
+    for body in (b"old", b"older-news", b"newest"):
+        await broker.publish("", "latest", message(body))
+    assert [m.body for m in broker.messages("latest")] == [b"newest"]
+
+
+async def test_a_delivery_its_handler_holds_after_returning_leaves_the_broker_idle(
+    broker: MemoryBroker,
+) -> None:
+    """A scheduler holds its state message for as long as it leads: time must still move."""
+    await broker.declare(ELECTION)
+    async with consuming(broker, "election") as consumer:
+        await broker.publish("", "election", message(b"state"))
+        held = await consumer.next()
+        await all_blocked()
+        assert broker.is_idle() is True
+        await held.ack()

@@ -13,7 +13,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from anyio.lowlevel import checkpoint
 
-from cuebx.brokers.base import DeliveryHandler
+from cuebx.brokers.base import Delivery, DeliveryHandler, LostHandler, QueueState, ReplyHandler
 from cuebx.brokers.memory.clock import CLOCK_MODES, NS_PER_S, Clock, ClockMode
 from cuebx.brokers.memory.exchanges import Exchange, Route
 from cuebx.brokers.memory.host import TaskHost
@@ -33,7 +33,10 @@ __all__ = ["MemoryBroker"]
 
 logger = logging.getLogger("cuebx.memory")
 
-DeathReason = Literal["expired", "rejected", "delivery_limit"]
+DeathReason = Literal["expired", "rejected", "delivery_limit", "maxlen"]
+
+#: RabbitMQ's direct reply-to pseudo-queue, and the prefix of the addresses it hands out.
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
 class _MemorySubscription:
@@ -105,6 +108,11 @@ class MemoryBroker:
         self._seq = itertools.count()
         self._pushes = itertools.count()
         self._tags = itertools.count(1)
+        # Handler calls started or about to start: while any runs, the broker is not idle.
+        self._calls = 0
+        # Direct reply-to: this connection's reply consumer, as (address, handlers).
+        self._replies: tuple[str, ReplyHandler, LostHandler] | None = None
+        self._reply_addresses = itertools.count(1)
 
     # -- connection -------------------------------------------------------------------------
 
@@ -130,6 +138,7 @@ class MemoryBroker:
         if not self._connected:
             return
         self._connected = False
+        self._lose_replies()
         consumers, self._consumers = self._consumers, []
         # Stop every consumer before requeueing anything, so that nothing requeued is
         # handed to a consumer about to be closed too.
@@ -139,6 +148,11 @@ class MemoryBroker:
             self._return_unacked(consumer)
         self._fire_due()
         await self._host.stop()
+
+    @property
+    def connected(self) -> bool:
+        """True between `connect` and `close`."""
+        return self._connected
 
     def _require_connected(self) -> None:
         if not self._connected:
@@ -285,8 +299,47 @@ class MemoryBroker:
                 results.append(None)
         return results
 
+    # -- direct reply-to --------------------------------------------------------------------
+
+    async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
+        """Receive replies on this connection; the address is what requests carry."""
+        await checkpoint()
+        self._require_connected()
+        if self._replies is None:
+            address = f"{DIRECT_REPLY_TO}.memory-{next(self._reply_addresses)}"
+            self._replies = (address, on_reply, on_lost)
+        return DIRECT_REPLY_TO
+
+    def lose_replies(self) -> None:
+        """Drop the reply consumer as a lost channel would (for tests of lost connections)."""
+        self._lose_replies()
+
+    def _lose_replies(self, error: BaseException | None = None) -> None:
+        replies, self._replies = self._replies, None
+        if replies is not None:
+            replies[2](error)
+
+    async def reply(self, reply_to: str, message: OutgoingMessage) -> None:
+        """Hand a reply to the caller's reply consumer; a caller that has gone is no error."""
+        await checkpoint()
+        self._require_connected()
+        replies = self._replies
+        if replies is None or replies[0] != reply_to:
+            logger.debug("reply to %r dropped: no such caller (it has gone)", reply_to)
+            return
+        replies[1](message.correlation_id, dict(message.headers), message.body)
+
     def _publish_now(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
         self._require_connected()
+        if message.reply_to == DIRECT_REPLY_TO:
+            if self._replies is None:
+                raise PublishError(
+                    f"message {message.message_id} asks for a direct reply but nothing "
+                    "consumes amq.rabbitmq.reply-to on this channel (RabbitMQ closes the "
+                    "channel: PRECONDITION_FAILED - fast reply consumer does not exist)"
+                )
+            # RabbitMQ rewrites the address into one naming this channel.
+            message = replace(message, reply_to=self._replies[0])
         targets = self._route(exchange, routing_key, message.headers)
         where = f"exchange {exchange!r} routing key {routing_key!r}"
         if targets is None:
@@ -358,10 +411,22 @@ class MemoryBroker:
         self._dispatch(queue)
 
     def _make_ready(self, entry: Entry) -> None:
-        """Put an entry in its queue, keeping its original place and expiry time."""
-        if entry.queue.deleted:
+        """Put an entry in its queue, keeping its original place and expiry time.
+
+        Past ``x-max-length`` the oldest ready message is dropped (dead-lettered as
+        ``maxlen`` when the queue has a dead-letter exchange), as RabbitMQ's drop-head does.
+        """
+        queue = entry.queue
+        if queue.deleted:
             return
-        entry.queue.push(entry)
+        queue.push(entry)
+        while queue.max_length is not None and queue.ready > queue.max_length:
+            head = queue.pop()
+            if head is None:
+                break
+            self._dead_letter(head, "maxlen")
+        if not entry.ready:
+            return  # it was the head dropped just now
         if entry.expires_ns is None:
             return
         earliest = self._next_expiry_ns()
@@ -413,14 +478,14 @@ class MemoryBroker:
     def _deliver(self, consumer: Consumer, entry: Entry) -> None:
         delivery = MemoryDelivery(consumer, entry, next(self._tags))
         consumer.unacked[delivery.delivery_tag] = delivery
+        self._calls += 1
         self._host.start_soon(self._handle, consumer, delivery, context=consumer.context)
 
     async def _handle(self, consumer: Consumer, delivery: MemoryDelivery) -> None:
         """Run the consumer's handler for one delivery."""
-        if delivery.outcome is not None:
-            return  # the consumer's channel closed before this task started
         try:
-            await consumer.handler(delivery)
+            if delivery.outcome is None:  # else its channel closed before this task started
+                await consumer.handler(delivery)
         except Exception:
             logger.exception(
                 "the handler of consumer %s raised on delivery %s of message %s from "
@@ -430,9 +495,16 @@ class MemoryBroker:
                 delivery.message_id,
                 delivery.queue,
             )
+        finally:
+            self._calls -= 1
+            # A handler may return holding its delivery (a scheduler's state message):
+            # the broker can be idle again, which an auto clock waits for.
+            self.clock._touched()
 
     def _cancel(self, consumer: Consumer) -> None:
         self._stop_consumer(consumer)
+        # On a single-active-consumer queue the next consumer takes over at once.
+        self._dispatch(consumer.queue)
 
     def _close_consumer(self, consumer: Consumer) -> None:
         self._detach(consumer)
@@ -456,6 +528,7 @@ class MemoryBroker:
 
     def _detach(self, consumer: Consumer) -> None:
         """Stop a consumer: its channel closes."""
+        consumer.closed = True
         self._stop_consumer(consumer)
 
     def _return_unacked(self, consumer: Consumer) -> None:
@@ -575,6 +648,69 @@ class MemoryBroker:
         self.clock._touched()
         return purged
 
+    async def get(self, queue: str) -> MemoryDelivery | None:
+        """Take the next ready message of `queue` (``basic.get``), or None when it has none.
+
+        The delivery belongs to a channel of its own: ack or reject it; `close` puts it back
+        (marked redelivered, counted on a quorum queue) if it is still unsettled.
+
+        Raises:
+            LookupError: the queue does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        self._fire_due()
+        target = self._queue(queue)
+        entry = target.pop()
+        if entry is None:
+            return None
+        getter = Consumer(f"memory.get-{next(self._tags)}", target, 0, _not_consuming, self._settle)
+        getter.active = False  # never handed deliveries: it only holds this one
+        self._consumers.append(getter)
+        delivery = MemoryDelivery(getter, entry, next(self._tags))
+        getter.unacked[delivery.delivery_tag] = delivery
+        self.clock._touched()
+        return delivery
+
+    async def queue_state(self, queue: str) -> QueueState | None:
+        """Describe `queue`: ready, consumers and unacked, or None if it does not exist."""
+        await checkpoint()
+        self._require_connected()
+        self._fire_due()
+        target = self._queues.get(queue)
+        if target is None:
+            return None
+        unacked = sum(
+            1
+            for consumer in self._consumers
+            for delivery in consumer.unacked.values()
+            if delivery.entry.queue is target
+        )
+        return QueueState(queue, target.ready, len(target.consumers), unacked)
+
+    async def compare_queue(
+        self, queue: str, arguments: Mapping[str, Any]
+    ) -> dict[str, Any] | None:
+        """The queue's own values of the arguments a declaration would be refused over.
+
+        Memory queues are all durable, so ``durable`` never differs.
+        """
+        await checkpoint()
+        self._require_connected()
+        existing = self._queues.get(queue)
+        if existing is None:
+            return None
+        return {d.argument: d.current for d in diff(arguments, existing.arguments)}
+
+    async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
+        """Memory exchanges are durable: only their type can differ from `kind`."""
+        await checkpoint()
+        self._require_connected()
+        found = self._exchanges.get(exchange)
+        if found is None:
+            return None
+        return {} if kind == found.type else {"type": found.type}
+
     def messages(self, queue: str) -> list[OutgoingMessage]:
         """Return the ready messages of `queue` in delivery order, as stored.
 
@@ -587,12 +723,15 @@ class MemoryBroker:
     def is_idle(self) -> bool:
         """Tell whether nothing happens until time moves or someone publishes.
 
-        True when no delivery is unacked and no consumed queue has ready messages. Messages
-        waiting out a TTL, or sitting in a queue nobody consumes (a dead-letter queue), do
-        not count: see `next_expiry` for the former.
+        True when no handler call runs or waits to start and no consumed queue has ready
+        messages. Messages waiting out a TTL, or sitting in a queue
+        nobody consumes (a dead-letter queue), do not count: see `next_expiry` for the
+        former. Neither does a delivery whose handler returned without settling it (a
+        scheduler holds its state message so while it leads): nothing happens to it until
+        time moves.
         """
         self._fire_due()
-        if any(consumer.unacked for consumer in self._consumers):
+        if self._calls:
             return False
         return not any(queue.ready and queue.consumers for queue in self._queues.values())
 
@@ -609,6 +748,11 @@ class MemoryBroker:
             return self._queues[name]
         except KeyError:
             raise LookupError(f"queue {name!r} does not exist") from None
+
+
+async def _not_consuming(delivery: Delivery) -> None:
+    """The handler of a `MemoryBroker.get` channel, which consumes nothing."""
+    raise AssertionError("a basic.get channel has no consumer")  # pragma: no cover
 
 
 def _clock_mode(url: str, clock: str | None, *, real_time: bool) -> ClockMode:
@@ -691,6 +835,8 @@ _VALID: Final[Mapping[str, Callable[[Any], bool]]] = {
     "x-dead-letter-exchange": lambda v: isinstance(v, str),
     "x-dead-letter-routing-key": lambda v: isinstance(v, str),
     "x-queue-type": lambda v: v in ("classic", "quorum"),
+    "x-max-length": _is_count,
+    "x-single-active-consumer": lambda v: isinstance(v, bool),
 }
 
 

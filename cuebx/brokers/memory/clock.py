@@ -1,21 +1,21 @@
 """The memory broker's time: a virtual clock, in whole nanoseconds, in one of three modes.
 
-- ``auto`` (the default) jumps ahead by itself, Trio's autojump clock being the model: once
-  the broker has had nothing to do for a few event-loop turns in a row (no delivery unacked,
-  no ready message on a consumed queue, nobody publishing or settling), time moves at once
-  to the next thing due, a TTL expiry or a `Clock.sleep`. A retry ladder of hours runs to
-  its end on its own, in no wall time, and never under a handler still at work.
+- ``auto`` (the default) jumps ahead by itself, Trio's autojump clock being the model: once the
+  broker has had nothing to do for a few event-loop turns in a row (no handler call running, no
+  ready message on a consumed queue, nobody publishing or settling), time moves at once to the
+  next thing due, a TTL expiry or a `Clock.sleep`. A retry ladder of hours runs to its end on
+  its own, in no wall time, and never under a handler still at work.
 - ``manual`` stands still until `Clock.advance` moves it, so a test can look at a message
   waiting in a retry tier, then decide to the millisecond when its TTL runs out.
 - ``real`` follows the monotonic clock, as RabbitMQ does; `Clock.advance` jumps ahead of it.
 
 asyncio cannot tell whether any task could still run without reading private attributes
-of its event loop, so ``auto`` asks the broker instead: what is unacked is still being
-worked on, and any publish, delivery or settlement starts the count of quiet turns again.
+of its event loop, so ``auto`` asks the broker instead: a handler call still running is
+still at work, and any publish, delivery or settlement starts the count of quiet turns again.
 What the broker cannot see is a task waiting on something else (a socket, a thread, an
 ``anyio.sleep``) that will touch the broker afterwards: time may jump meanwhile, as
-Trio's autojump clock jumps while a task waits on I/O. A handler doing so holds its
-delivery unacked, so time never jumps under a handler; by the same rule, a handler that
+Trio's autojump clock jumps while a task waits on I/O. A handler doing so is still running,
+so time never jumps under a handler; by the same rule, a handler that
 awaits `Clock.sleep` itself waits for `Clock.advance` (cuebx never waits inside a handler:
 delays are held by the broker, as TTLs).
 

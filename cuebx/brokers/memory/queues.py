@@ -55,6 +55,15 @@ class Queue:
         self.quorum = arguments.get("x-queue-type") == "quorum"
         # Classic queues ignore x-delivery-limit; only quorum queues count redeliveries.
         self.delivery_limit: int | None = arguments.get("x-delivery-limit") if self.quorum else None
+        # Only the first consumer still registered gets deliveries; the next takes over when
+        # it is cancelled or its channel closes (x-single-active-consumer).
+        self.single_active = arguments.get("x-single-active-consumer") is True
+        # Ready messages beyond this drop from the head (the default x-overflow, drop-head);
+        # reject-publish is not modelled, so a queue asking for it is not bounded here.
+        overflow = arguments.get("x-overflow", "drop-head")
+        self.max_length: int | None = (
+            arguments.get("x-max-length") if overflow == "drop-head" else None
+        )
         self.consumers: deque[Consumer] = deque()
         self.ready = 0
         self.deleted = False
@@ -97,7 +106,13 @@ class Queue:
         return count
 
     def next_consumer(self) -> Consumer | None:
-        """Pick the next consumer with room, rotating so that consumers take turns."""
+        """Pick the next consumer with room, rotating so that consumers take turns.
+
+        A single-active-consumer queue never rotates: its first consumer is the active one.
+        """
+        if self.single_active:
+            active = self.consumers[0] if self.consumers else None
+            return active if active is not None and active.has_room() else None
         for _ in range(len(self.consumers)):
             consumer = self.consumers[0]
             self.consumers.rotate(-1)
@@ -121,6 +136,8 @@ class Consumer:
         # The context of whoever called consume(), as with the AMQP broker.
         self.context = contextvars.copy_context()
         self.active = True
+        # Set when the consumer's channel closes: its deliveries went back to the queue.
+        self.closed = False
         self.unacked: dict[int, MemoryDelivery] = {}
 
     def has_room(self) -> bool:
@@ -188,6 +205,15 @@ class MemoryDelivery:
     @property
     def redelivered(self) -> bool:
         return self.entry.returns > 0
+
+    @property
+    def channel_open(self) -> bool:
+        """False once the consumer's channel closed (the message went back to its queue)."""
+        return not self.consumer.closed
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.entry.message.reply_to
 
     async def ack(self) -> None:
         """Acknowledge; a no-op once the channel closed (the message is back in its queue).
