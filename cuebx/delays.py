@@ -385,16 +385,19 @@ class Delays:
         return self.ladder.topology(self._destinations())
 
     async def declare(self, broker: Broker, *queues: str) -> None:
-        """Declare the ladder on `broker` once, and the deliver binding of every queue.
+        """Declare the ladder on `broker` once, and the deliver binding of each of `queues`.
+
+        The first time on a broker, the app's `destinations` are bound too; a queue of a
+        task registered afterwards is bound the first time it is given here.
 
         Raises:
             TopologyConflictError: a level exists with another TTL or queue type: apps
                 that share an exchange must agree on ``delay_unit`` and ``queue_type``.
             TopologyError: the broker refused another part of the ladder.
         """
+        if broker is self._broker and all(queue in self._bound for queue in queues):
+            return  # the path of every delayed publish: keep it cheap
         wanted = frozenset((*self._destinations(), *queues))
-        if broker is self._broker and wanted <= self._bound:
-            return
         async with self._lock:
             if broker is not self._broker:
                 await broker.declare(self.ladder.topology(sorted(wanted)))

@@ -340,8 +340,10 @@ async def test_the_ladder_is_declared_once_per_broker_and_new_queues_are_bound_w
     assert broker.declared[0].queues == SMALL.topology().queues
     assert delays.declared_on(broker)  # type: ignore[arg-type]
 
-    queues.append("reports")  # a task registered later
+    queues.append("reports")  # a task registered later: bound when first delayed to
     await delays.declare(broker)  # type: ignore[arg-type]
+    assert len(broker.declared) == 1
+    await delays.declare(broker, "reports")  # type: ignore[arg-type]
     await delays.declare(broker, "webhooks")  # type: ignore[arg-type]
     assert [t.bindings for t in broker.declared[1:]] == [
         SMALL.deliver_bindings(["reports"]),
