@@ -90,12 +90,18 @@ async def delay_app(
         return app
 
     yield build
-    for app in made:
-        broker = app.broker
-        await broker.connect()
-        ladder = app.delays.topology()
-        main = ExchangeSpec(app.settings.exchange)
-        await broker.delete(Topology(ladder.exchange, ladder.queues, (*ladder.exchanges, main)))
+    failed: list[BaseException] = []
+    for app in made:  # each app's ladder, even when deleting another's failed
+        try:
+            broker = app.broker
+            await broker.connect()
+            ladder = app.delays.topology()
+            main = ExchangeSpec(app.settings.exchange)
+            await broker.delete(Topology(ladder.exchange, ladder.queues, (*ladder.exchanges, main)))
+        except Exception as exc:
+            failed.append(exc)
+    if failed:
+        raise failed[0]
 
 
 async def pass_time(app: Cuebx, until: float) -> None:
