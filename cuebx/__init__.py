@@ -12,6 +12,7 @@ from cuebx.errors import (
     CallTimeoutError,
     ConfigurationError,
     CuebxError,
+    DelayError,
     DuplicateTaskError,
     PublishError,
     PublishTimeoutError,
@@ -27,7 +28,7 @@ from cuebx.errors import (
     UnroutableError,
 )
 from cuebx.idempotency import Idempotency
-from cuebx.middleware import Middleware, Outcome, Publish, Received, Skip
+from cuebx.middleware import Middleware, Outcome, Postpone, Publish, Received, Skip
 from cuebx.settings import Settings
 from cuebx.status import TaskState, TaskStatus
 from cuebx.stores import Store
@@ -47,10 +48,12 @@ __all__ = [
     "ConfigurationError",
     "Cuebx",
     "CuebxError",
+    "DelayError",
     "DuplicateTaskError",
     "Idempotency",
     "Middleware",
     "Outcome",
+    "Postpone",
     "Publish",
     "PublishError",
     "PublishTimeoutError",

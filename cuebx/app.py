@@ -16,6 +16,7 @@ import anyio
 
 from cuebx.brokers.base import Broker, broker_for_url, mask_url
 from cuebx.context import TaskContext
+from cuebx.delays import Delays, Ladder
 from cuebx.durations import Duration
 from cuebx.errors import ConfigurationError, DuplicateTaskError, StoreError
 from cuebx.idempotency import Idempotency
@@ -102,6 +103,12 @@ class Cuebx:
         shutdown_timeout: how long a stopping worker lets running handlers finish.
         thread_limit: worker threads for sync handlers.
         connection_name: shown by ``rabbitmqctl list_connections``.
+        delay_unit: the step of the delay ladder (`cuebx.delays`): a countdown is rounded
+            up to a whole number of units, never early. Each level's TTL is
+            ``delay_unit · 2^k``.
+        delay_levels: the number of levels: the longest delay is ``2^delay_levels - 1``
+            units (32 at 100ms: about 13.6 years). Apps that share an exchange share its
+            ladder, so they must agree on `delay_unit` and `queue_type`.
         middleware: plug-ins that hook into publishing and handling (see
             `cuebx.Middleware`); more can be added with `add_middleware`.
         broker: a broker object to use instead of the one `url` names (a test's own
@@ -133,6 +140,8 @@ class Cuebx:
         shutdown_timeout: Duration = "30s",
         thread_limit: int = 40,
         connection_name: str | None = None,
+        delay_unit: Duration = "100ms",
+        delay_levels: int = 32,
         middleware: Iterable[Middleware] = (),
         broker: Broker | None = None,
         store: str | Store | None = None,
@@ -153,9 +162,15 @@ class Cuebx:
             shutdown_timeout=shutdown_timeout,
             thread_limit=thread_limit,
             connection_name=connection_name,
+            delay_unit=delay_unit,
+            delay_levels=delay_levels,
         )
         self.tasks: dict[str, Task[Any, Any]] = {}
         self.middleware = Stack(middleware)
+        #: The delay ladder: declared on the broker the first time the app delays a message.
+        self.delays = Delays(
+            Ladder.of(self.settings), lambda: [q.name for q in self.topology().main_queues]
+        )
         self.store: Store | None = store_for_url(store) if isinstance(store, str) else store
         self.results: Results | None = None
         # The replier first, so that its after_handler (in reverse order) replies last,
@@ -176,6 +191,7 @@ class Cuebx:
             self.middleware,
             caller=Caller(check_seconds(call_timeout, "Cuebx", "call_timeout", positive=True)),
             source=self.results,
+            delays=self.delays,
         )
         self._topology: Topology | None = None
         self._broker: Broker | None = broker
@@ -580,6 +596,7 @@ class Cuebx:
                 if shutdown_timeout is None
                 else check_seconds(shutdown_timeout, "worker", "shutdown_timeout")
             ),
+            delays=self.delays,
         )
 
     async def start_consumers(

@@ -22,7 +22,8 @@ import click
 from cuebx import __version__, loader
 from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
-from cuebx.durations import to_seconds
+from cuebx.delays import LadderStatus, ladder_status
+from cuebx.durations import label, to_seconds
 from cuebx.errors import AppNotFoundError, CuebxError
 from cuebx.ops import commands
 from cuebx.ops.http import serve
@@ -83,6 +84,7 @@ def main() -> None:
       cuebx topology -A myapp                     print what the app declares
       cuebx topology diff -A myapp                compare it with the broker
       cuebx status -A myapp                       queue depths, tiers, dead letters
+      cuebx delays -A myapp                       messages waiting in the delay ladder
       cuebx dlq ls -A myapp                       dead letters by task and reason
       cuebx schedule -A myapp                     list periodic jobs and their scheduler
       cuebx worker -h                             the worker's options
@@ -479,3 +481,71 @@ def _who(report: JobReport) -> str:
     if report.previous_leader:
         return f"none active (last: {report.previous_leader}, {report.reported:.0f}s ago)"
     return "none yet"
+
+
+@main.command(epilog=_BROKER_URL_HELP)
+@_app_option
+def delays(app_path: str) -> None:
+    """Show the delay ladder: messages waiting in each level and when the next is due.
+
+    Declares nothing: a ladder nobody delayed into yet is reported as not declared.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    app = load_app(app_path)
+    try:
+        status = anyio.run(_ladder_status, app, backend_options=_backend_options())
+    except (CuebxError, BaseExceptionGroup) as exc:
+        raise _click_error(exc, CuebxError) from None
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=240)
+    if not status.declared:
+        console.print(
+            f"The delay ladder of exchange {status.exchange!r} is not declared: nothing was "
+            "delayed on it yet."
+        )
+        return
+    levels = f"{len(status.levels)} levels of {label(status.unit_ms)}"
+    table = Table(
+        title=f"delay ladder of exchange {status.exchange!r}: {levels}",
+        caption=f"{status.waiting} waiting; unroutable: {status.unroutable.messages}",
+    )
+    for column in ("level", "queue", "TTL", "messages", "next due (UTC)", "to queue"):
+        table.add_column(column, overflow="fold")
+    for level in _rows(status):
+        table.add_row(*level)
+    console.print(table)
+
+
+async def _ladder_status(app: Cuebx) -> LadderStatus:
+    try:
+        return await ladder_status(app)
+    finally:
+        await app.close()
+
+
+def _rows(status: LadderStatus) -> list[tuple[str, ...]]:
+    """One row per level that holds messages, then the unroutable queue if it holds any."""
+    rows: list[tuple[str, ...]] = []
+    for k, level in enumerate(status.levels):
+        if level.messages:
+            due = "-" if level.head_eta is None else f"{level.head_eta:%Y-%m-%d %H:%M:%S.%f}"[:-3]
+            ttl = label(level.ttl_ms or 0)
+            rows.append(
+                (str(k), level.queue, ttl, str(level.messages), due, level.head_destination or "-")
+            )
+    unroutable = status.unroutable
+    if unroutable.messages:
+        rows.append(
+            (
+                "-",
+                unroutable.queue,
+                "-",
+                str(unroutable.messages),
+                "-",
+                unroutable.head_destination or "-",
+            )
+        )
+    return rows

@@ -7,6 +7,7 @@ The tree::
     │   ├── DuplicateTaskError      two tasks registered under one name
     │   └── AppNotFoundError        ``-A module:attribute`` does not lead to an app
     ├── ArgumentsError              .delay() arguments that do not fit the task's signature
+    ├── DelayError                  a countdown or eta the delay ladder cannot hold
     ├── TopologyError               the broker refused a declaration
     │   └── TopologyConflictError   a queue exists with other arguments
     ├── BrokerError                 talking to the broker failed
@@ -23,7 +24,7 @@ The tree::
     └── CallInterruptedError        `call()` lost its connection before the reply came
 
     TaskSignal                      raised by a handler, never by cuebx itself
-    ├── Retry                       retry this message through the next retry tier
+    ├── Retry                       retry this message: through the next tier, or after delay=
     └── Reject                      dead-letter this message now, without retries
 
 `TaskSignal` does not derive from `CuebxError`, so a handler that catches `CuebxError`
@@ -36,6 +37,8 @@ from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
+from cuebx.durations import to_ms
+
 __all__ = [
     "AppNotFoundError",
     "ArgumentsError",
@@ -46,6 +49,7 @@ __all__ = [
     "CallTimeoutError",
     "ConfigurationError",
     "CuebxError",
+    "DelayError",
     "DuplicateTaskError",
     "PublishError",
     "PublishTimeoutError",
@@ -83,6 +87,14 @@ class ArgumentsError(CuebxError, TypeError):
 
     Missing, extra or mistyped arguments, or arguments that encode to more than the app's
     ``max_message_size``: nothing was published.
+    """
+
+
+class DelayError(CuebxError, ValueError):
+    """A countdown or eta that the delay ladder cannot hold; nothing was published.
+
+    Negative, both given at once, an eta without a time zone, or a delay longer than the
+    ladder's span (``2^delay_levels - 1`` units; the message names it).
     """
 
 
@@ -213,14 +225,19 @@ class TaskSignal(Exception):
 
 
 class Retry(TaskSignal):
-    """Retry: raise it in a handler to retry through the next tier, or pass it as `retries=`.
+    """Retry: raise it in a handler to retry the message, or pass it as `retries=`.
 
     As a retries spec, `Retry(every="1m", times=3)` means three retries through one
     `Q.retry.1m` tier. Raised from a handler, `raise Retry("rate limited")` retries the
-    message through the next tier even when `retry_on=` would not match the cause. The
-    delays are the task's tiers, declared on the broker: `every` and `times` only mean
+    message through the next tier even when `retry_on=` would not match the cause, and
+    `raise Retry(delay="90s")` retries it in 90 seconds, held by the broker's delay ladder
+    (`cuebx.delays`): an attempt like any other, counted against the task's `retries=`
+    list, or against 10 retries for a task without one. `every` and `times` only mean
     something in ``retries=``; a raised `Retry` that sets them is retried as usual and the
     worker logs a warning that they were ignored.
+
+    Raises:
+        ValueError: `delay` is not a duration (so the handler fails with it, naming it).
     """
 
     def __init__(
@@ -229,11 +246,15 @@ class Retry(TaskSignal):
         *,
         every: str | float | timedelta | None = None,
         times: int | None = None,
+        delay: str | float | timedelta | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.every = every
         self.times = times
+        self.delay = delay
+        #: `delay` in milliseconds, read once here.
+        self.delay_ms = None if delay is None else to_ms(delay, what="Retry(delay=)")
 
 
 class Reject(TaskSignal):

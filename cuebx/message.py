@@ -8,6 +8,7 @@ why it was dead-lettered, keeping the original body, properties and headers.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -21,8 +22,11 @@ __all__ = [
     "CONTENT_TYPES",
     "ERROR_LIMIT",
     "HEADER_ATTEMPT",
+    "HEADER_DELAY_LEVEL",
+    "HEADER_DELAY_TO",
     "HEADER_ERROR",
     "HEADER_ERROR_TYPE",
+    "HEADER_ETA",
     "HEADER_FAILED_AT",
     "HEADER_ORIGIN_QUEUE",
     "HEADER_REDELIVERIES",
@@ -39,6 +43,7 @@ __all__ = [
     "dead_letter_copy",
     "decode_other",
     "encode_other",
+    "eta_of",
     "header_count",
     "is_model_type",
     "new_message_id",
@@ -55,6 +60,16 @@ HEADER_FAILED_AT = "x-cuebx-failed-at"
 HEADER_ORIGIN_QUEUE = "x-cuebx-origin-queue"
 #: Deliveries of this message on a classic queue that ended without an ack or reject.
 HEADER_REDELIVERIES = "x-cuebx-redeliveries"
+#: When a delayed message is due: epoch milliseconds, UTC. A worker that gets it earlier
+#: (its clock is ahead of the publisher's) sends it back down the delay ladder.
+HEADER_ETA = "x-cuebx-eta"
+#: The queue a delayed message goes to when it leaves the ladder. The ladder's headers
+#: exchange matches on it, and RabbitMQ leaves headers starting with ``x-`` out of such
+#: matches: hence no ``x-`` here.
+HEADER_DELAY_TO = "cuebx-delay-to"
+#: The level of the ladder a delayed message waits in first (the highest 1 of its delay in
+#: binary): the ladder's entry, a headers exchange, routes on it.
+HEADER_DELAY_LEVEL = "cuebx-delay-level"
 
 #: Times a message was replayed out of a dead-letter queue (``cuebx dlq replay``).
 HEADER_REPLAYED = "x-cuebx-replayed"
@@ -207,12 +222,24 @@ def header_count(value: Any) -> int:
     return 0
 
 
+_LEFT_BEHIND = frozenset({HEADER_REDELIVERIES, HEADER_ETA, HEADER_DELAY_TO, HEADER_DELAY_LEVEL})
+
+
+def eta_of(headers: Mapping[str, Any]) -> int | None:
+    """Read ``x-cuebx-eta`` (epoch ms); None when absent or not a finite number."""
+    value = headers.get(HEADER_ETA)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value) if math.isfinite(value) else None
+
+
 def retry_copy(message: OutgoingMessage, attempt: int) -> OutgoingMessage:
     """Copy a message for its next attempt: same body, ids and properties, attempt set.
 
-    A redelivery count is left behind: it belongs to the attempt that ended.
+    A redelivery count is left behind: it belongs to the attempt that ended; so is a delay
+    (``x-cuebx-eta``), which was for the attempt that ended.
     """
-    headers = {k: v for k, v in message.headers.items() if k != HEADER_REDELIVERIES}
+    headers = {k: v for k, v in message.headers.items() if k not in _LEFT_BEHIND}
     headers[HEADER_ATTEMPT] = attempt
     return replace(message, headers=headers)
 

@@ -16,7 +16,9 @@ Hooks of one message, in a worker::
                                               └─▶ dead-letter copy ─▶ on_dead_letter
 
 ``on_dead_letter`` also runs for a message the worker cannot hand to a handler at all
-(undecodable, unknown task, too large); ``received.task`` is then None.
+(undecodable, unknown task, too large); ``received.task`` is then None. A ``before_handler``
+hook may raise `Skip` (ack, do not run) or `Postpone` (run later, same attempt); the
+handler does not run and ``after_handler`` hooks see the signal as the outcome's error.
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ import msgspec
 
 from cuebx.brokers.base import Broker
 from cuebx.context import TaskContext
+from cuebx.durations import Duration, to_ms
 from cuebx.message import DeadLetterReason, OutgoingMessage
 from cuebx.task import Task
 
 __all__ = [
     "Middleware",
     "Outcome",
+    "Postpone",
     "Publish",
     "Received",
     "Skip",
@@ -57,6 +61,29 @@ class Skip(Exception):
 
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason)
+        self.reason = reason
+
+
+class Postpone(Exception):
+    """Raised by a ``before_handler`` hook: handle the message later, spending no attempt.
+
+    The worker sends the message down the delay ladder (`cuebx.delays`) with the same
+    attempt number and acks it; it comes back after `delay`, to this or any other worker.
+    A rate limit that is full, or an idempotency key another worker holds, say. Every
+    ``after_handler`` hook then runs with the `Postpone` as `Outcome.error`, as for `Skip`.
+
+    Args:
+        delay: how long from now: seconds, ``"250ms"``, ``"1m"`` or a `timedelta`.
+        reason: logged by the worker.
+
+    Raises:
+        ValueError: `delay` is not a duration.
+    """
+
+    def __init__(self, delay: Duration, reason: str = "") -> None:
+        super().__init__(reason)
+        self.delay = delay
+        self.delay_ms = to_ms(delay, what="Postpone(delay)")
         self.reason = reason
 
 
@@ -160,7 +187,8 @@ class Middleware:
         """
 
     async def before_handler(self, received: Received) -> None:
-        """Called before the handler runs; raise `Skip` to ack without running it."""
+        """Called before the handler runs; raise `Skip` to ack without running it, or
+        `Postpone` to run it later without spending an attempt."""
 
     async def after_handler(self, received: Received, outcome: Outcome) -> None:
         """Called after the handler returned or raised, before the message is settled."""
@@ -244,11 +272,12 @@ class Stack:
 
         Raises:
             Skip: a hook asked to skip the message; the hooks after it did not run.
+            Postpone: a hook asked to handle it later; the hooks after it did not run.
         """
         for hook in self.before_handler:
             try:
                 await hook(received)
-            except Skip:
+            except (Skip, Postpone):
                 raise
             except Exception:
                 _log_hook_error(hook, received.context)

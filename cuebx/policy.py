@@ -1,9 +1,10 @@
 """Pure decisions: what the worker does with a message, before and after its handler.
 
 Before: `admit` sorts a delivery into one to run (`Run`), one to count as a classic queue's
-redelivery (`CountRedelivery`), or poison to dead-letter at once (`DeadLetter`). After a
-failure: `RetryPolicy.on_failure` answers `RetryThrough` or `DeadLetter`. The worker asks and
-carries out the answer; nothing here does I/O.
+redelivery (`CountRedelivery`), one that came before its ``x-cuebx-eta`` (`NotDue`), or
+poison to dead-letter at once (`DeadLetter`). After a failure: `RetryPolicy.on_failure`
+answers `RetryThrough` (a tier), `RetryAfter` (the delay ladder) or `DeadLetter`. The worker
+asks and carries out the answer; nothing here does I/O.
 """
 
 from __future__ import annotations
@@ -23,15 +24,19 @@ from cuebx.message import (
     Codec,
     DeadLetterReason,
     codec_for_content_type,
+    eta_of,
     header_count,
 )
 
 __all__ = [
     "Admission",
     "CountRedelivery",
+    "DELAYED_RETRY_LIMIT",
     "DeadLetter",
     "Decision",
     "Decodes",
+    "NotDue",
+    "RetryAfter",
     "RetryPolicy",
     "RetryThrough",
     "RetrySpec",
@@ -41,6 +46,15 @@ __all__ = [
 ]
 
 RetrySpec = Retry | Sequence[str | int | float | timedelta] | None
+
+#: How many times a task without a ``retries=`` list may ``raise Retry(delay=...)``: its
+#: attempt 10 (the 11th) that raises it again is dead-lettered as ``exhausted``. A task with
+#: a list has as many retries as the list is long, whichever way they are asked for.
+DELAYED_RETRY_LIMIT = 10
+
+#: An eta within a microsecond of the clock is due: epoch seconds as floats are exact to
+#: about a quarter of one, and `cuebx.delays` counts whole microseconds.
+_SLOP_MS = 0.001
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +82,18 @@ class DeadLetter:
     detail: BaseException | str = ""
 
 
-Decision = RetryThrough | DeadLetter
+@dataclass(frozen=True, slots=True)
+class RetryAfter:
+    """Send a copy down the delay ladder with ``x-retry-attempt = attempt``, then ack.
+
+    `delay_ms` is when the next attempt is due, from now (``Retry(delay=)``).
+    """
+
+    attempt: int
+    delay_ms: int
+
+
+Decision = RetryThrough | RetryAfter | DeadLetter
 
 T = TypeVar("T", bound="Decodes")
 
@@ -95,7 +120,16 @@ class CountRedelivery:
     count: int
 
 
-Admission = Run[T] | CountRedelivery | DeadLetter
+@dataclass(frozen=True, slots=True)
+class NotDue:
+    """The message came before its ``x-cuebx-eta`` (the worker's clock is behind the one
+    that set it): send it back down the delay ladder, due at `eta_ms`, then ack. It is
+    neither run early nor held by the worker."""
+
+    eta_ms: int
+
+
+Admission = Run[T] | CountRedelivery | NotDue | DeadLetter
 
 
 def admit(
@@ -108,6 +142,7 @@ def admit(
     tasks: Mapping[str, T],
     max_size: int,
     redelivery_limit: int | None = None,
+    now: float | None = None,
 ) -> Admission[T]:
     """Decide what to do with a delivery before any handler sees it.
 
@@ -123,6 +158,8 @@ def admit(
         redelivery_limit: on a classic queue, the deliveries after which a message that
             keeps ending unsettled (it kills workers) is dead-lettered; None when the broker
             counts (quorum queues) or there is no limit.
+        now: the worker's broker clock (epoch seconds): a message whose ``x-cuebx-eta``
+            is later is `NotDue`, whatever else it holds. None: etas are not looked at.
     """
     if redelivered and redelivery_limit is not None:
         count = header_count(headers.get(HEADER_REDELIVERIES)) + 1
@@ -130,19 +167,13 @@ def admit(
             why = f"delivered {count} times without finishing (the limit is {redelivery_limit})"
             return DeadLetter("delivery-limit", why)
         return CountRedelivery(count)
-    name = headers.get(HEADER_TASK)
-    if name is None:
-        task = next(iter(tasks.values())) if len(tasks) == 1 else None
-    else:
-        task = tasks.get(name) if isinstance(name, str) else None
-    if task is None:
-        known = ", ".join(map(repr, tasks))
-        why = (
-            f"no task named {name!r} on queue {queue!r} (tasks: {known})"
-            if name is not None
-            else f"no {HEADER_TASK} header and queue {queue!r} has tasks {known}"
-        )
-        return DeadLetter("unknown-task", why)
+    if now is not None:
+        eta = eta_of(headers)
+        if eta is not None and eta > now * 1000 + _SLOP_MS:
+            return NotDue(eta)
+    task = _find_task(queue, headers, tasks)
+    if isinstance(task, DeadLetter):
+        return task
     if len(body) > max_size:
         return DeadLetter(
             "too-large", f"body of {len(body)} bytes is over the limit of {max_size} bytes"
@@ -158,6 +189,23 @@ def admit(
         return DeadLetter("undecodable", exc)
 
 
+def _find_task(queue: str, headers: Mapping[str, Any], tasks: Mapping[str, T]) -> T | DeadLetter:
+    name = headers.get(HEADER_TASK)
+    if name is None:
+        task = next(iter(tasks.values())) if len(tasks) == 1 else None
+    else:
+        task = tasks.get(name) if isinstance(name, str) else None
+    if task is not None:
+        return task
+    known = ", ".join(map(repr, tasks))
+    why = (
+        f"no task named {name!r} on queue {queue!r} (tasks: {known})"
+        if name is not None
+        else f"no {HEADER_TASK} header and queue {queue!r} has tasks {known}"
+    )
+    return DeadLetter("unknown-task", why)
+
+
 def retry_delays(retries: RetrySpec, *, task: str) -> tuple[int, ...]:
     """Turn a ``retries=`` option into one delay in ms per retry.
 
@@ -168,6 +216,11 @@ def retry_delays(retries: RetrySpec, *, task: str) -> tuple[int, ...]:
     if retries is None:
         return ()
     if isinstance(retries, Retry):
+        if retries.delay is not None:
+            raise ConfigurationError(
+                f"{what}: Retry(delay=) is raised in a handler; as retries= give a list of "
+                "delays or Retry(every=, times=)"
+            )
         if retries.every is None or retries.times is None:
             raise ConfigurationError(f"{what}: Retry() needs both every= and times=")
         if isinstance(retries.times, bool) or not isinstance(retries.times, int):
@@ -211,9 +264,19 @@ class RetryPolicy:
     delays_ms: tuple[int, ...] = ()
 
     def on_failure(self, attempt: int, error: BaseException) -> Decision:
-        """Decide what to do after attempt number `attempt` (0-based) raised `error`."""
+        """Decide what to do after attempt number `attempt` (0-based) raised `error`.
+
+        ``Retry(delay=)`` asks for the next attempt after that delay, through the delay
+        ladder; it counts against the retries like any other retry (`DELAYED_RETRY_LIMIT`
+        for a task without a ``retries=`` list).
+        """
         if isinstance(error, Reject):
             return DeadLetter("rejected")
+        if isinstance(error, Retry) and error.delay_ms is not None:
+            limit = len(self.tiers) if self.tiers else DELAYED_RETRY_LIMIT
+            if 0 <= attempt < limit:
+                return RetryAfter(attempt + 1, error.delay_ms)
+            return DeadLetter("exhausted")
         if not isinstance(error, Retry) and (
             isinstance(error, self.dont_retry_on) or not isinstance(error, self.retry_on)
         ):

@@ -4,6 +4,8 @@
 the middleware's publish hooks, and publishes it mandatory with a confirm. It knows the app
 only as a `Connection`: something with a broker that can be connected (and its topology
 declared) on first use, so that a producer never publishes into a queue that does not exist.
+A ``countdown=`` or ``eta=`` sends the message into the delay ladder (`cuebx.delays`) instead
+of the app's exchange.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import Any, Protocol
 import anyio
 
 from cuebx.brokers.base import Broker
-from cuebx.errors import ArgumentsError, BatchPublishError
+from cuebx.delays import Delays, Ladder, due_us, now_us
+from cuebx.durations import Duration
+from cuebx.errors import ArgumentsError, BatchPublishError, PublishError
 from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, new_message_id
 from cuebx.middleware import Publish, Stack, notify
 from cuebx.rpc import Caller
@@ -36,7 +40,16 @@ class Connection(Protocol):
 
 
 class Publisher:
-    """Publishes the messages of an app's tasks through its broker and middleware."""
+    """Publishes the messages of an app's tasks through its broker and middleware.
+
+    Args:
+        connection: the app, as far as publishing goes.
+        settings: the app's settings.
+        stack: the app's middleware.
+        caller: waits for the replies of `Task.call`.
+        source: where handles read status and results (the app's store), if anywhere.
+        delays: the app's delay ladder (shared with its workers); else one of its own.
+    """
 
     def __init__(
         self,
@@ -46,6 +59,7 @@ class Publisher:
         *,
         caller: Caller | None = None,
         source: HandleSource | None = None,
+        delays: Delays | None = None,
     ) -> None:
         self.connection = connection
         self.settings = settings
@@ -54,6 +68,7 @@ class Publisher:
         self.caller = caller or Caller(default_timeout=30.0)
         #: Where handles read status and results (the app's store), if anywhere.
         self.source = source
+        self.delays = delays or Delays(Ladder.of(settings))
 
     def message(
         self,
@@ -117,11 +132,17 @@ class Publisher:
         correlation_id: str | None = None,
         message_id: str | None = None,
         reply_to: str | None = None,
+        countdown: Duration | None = None,
+        eta: datetime | None = None,
     ) -> TaskHandle[Any]:
         """Publish one message for `task` and wait for its confirm.
 
+        With a `countdown` or an `eta`, the message goes to the delay ladder, which holds it
+        until it is due; middleware then sees the ladder's exchange and routing key.
+
         Raises:
             ArgumentsError: the arguments do not fit the task's signature.
+            DelayError: the countdown or eta cannot be held (naive, negative, too long).
             PublishError: the broker did not confirm the message.
         """
         message = self.message(
@@ -134,22 +155,22 @@ class Publisher:
             message_id=message_id,
             reply_to=reply_to,
         )
+        exchange, routing_key = self.settings.exchange, task.queue
+        if countdown is not None or eta is not None:
+            exchange, routing_key, message = await self._delayed(task, message, countdown, eta)
         broker = await self._broker()
-        exchange = self.settings.exchange
         stack = self.stack
-        if not (stack.before_publish or stack.after_publish):
-            await broker.publish(exchange, task.queue, message)
-        else:
-            publish = Publish(exchange, task.queue, message, task.name)
-            for hook in stack.before_publish:
-                await hook(publish)
-            try:
-                await broker.publish(publish.exchange, publish.routing_key, publish.message)
-            except BaseException as exc:
-                await notify(stack.after_publish, publish, exc)
-                raise
-            await notify(stack.after_publish, publish, None)
-            message = publish.message
+        try:
+            if not (stack.before_publish or stack.after_publish):
+                await broker.publish(exchange, routing_key, message)
+            else:
+                message = await self._publish_with_hooks(
+                    broker, exchange, routing_key, message, task
+                )
+        except PublishError:
+            if exchange == self.delays.ladder.entry:
+                self.delays.forget()  # was the ladder deleted? declare it again next time
+            raise
         return TaskHandle(
             message.message_id, task.name, task.queue, message.correlation_id, self.source, task
         )
@@ -164,6 +185,52 @@ class Publisher:
     ) -> Any:
         """Publish a request for `task` and wait for the worker's reply (`Task.call`)."""
         return await self.caller.call(self, task, args, kwargs, limit=limit)
+
+    async def _delayed(
+        self,
+        task: Task[Any, Any],
+        message: OutgoingMessage,
+        countdown: Duration | None,
+        eta: datetime | None,
+    ) -> tuple[str, str, OutgoingMessage]:
+        """Plan a delayed publish: where it goes, stamped; the ladder declared if need be.
+
+        Raises:
+            DelayError: the countdown or eta cannot be held; nothing was published.
+        """
+        clock = self.connection.broker.clock
+        now = now_us(clock)
+        due = due_us(countdown=countdown, eta=eta, now=now, task=task.name)
+        ladder = self.delays.ladder
+        units = 0 if due is None else ladder.units(due, now)
+        if due is None or units == 0:
+            return self.settings.exchange, task.queue, message  # nothing to wait for
+        ladder.check(units, f"task {task.name!r}")
+        await self.delays.declare(await self._broker(), task.queue)
+        # Connecting and declaring the ladder took time: count the wait from now, so that
+        # the first delayed message is not late by it.
+        return ladder.prepare(message, task.queue, due_us=due, now_us=now_us(clock))
+
+    async def _publish_with_hooks(
+        self,
+        broker: Broker,
+        exchange: str,
+        routing_key: str,
+        message: OutgoingMessage,
+        task: Task[Any, Any],
+    ) -> OutgoingMessage:
+        """Publish with the middleware's publish hooks around; return what was published."""
+        stack = self.stack
+        publish = Publish(exchange, routing_key, message, task.name)
+        for hook in stack.before_publish:
+            await hook(publish)
+        try:
+            await broker.publish(publish.exchange, publish.routing_key, publish.message)
+        except BaseException as exc:
+            await notify(stack.after_publish, publish, exc)
+            raise
+        await notify(stack.after_publish, publish, None)
+        return publish.message
 
     async def publish_many(
         self,

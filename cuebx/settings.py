@@ -15,7 +15,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 from cuebx.brokers.base import BROKER_SCHEMES, mask_url
-from cuebx.durations import Duration, to_seconds
+from cuebx.durations import Duration, label, to_ms, to_seconds
 from cuebx.errors import ConfigurationError
 from cuebx.message import Codec, codec_for
 from cuebx.topology import QueueType
@@ -25,6 +25,7 @@ __all__ = [
     "URL_ENV",
     "Settings",
     "check_count",
+    "check_delay_ladder",
     "check_prefetch",
     "check_queue_type",
     "check_seconds",
@@ -121,12 +122,44 @@ def check_seconds(value: Duration, where: str, option: str, *, positive: bool = 
     return seconds
 
 
+#: The largest value of an AMQP long-long-int, the widest type an ``x-message-ttl`` can have.
+_AMQP_INT_MAX = 2**63 - 1
+#: Even at 1 ms, 64 levels span more than any lifetime; their routing key (a digit per level
+#: and the dots between) takes 127 of the 255 bytes AMQP allows.
+_MAX_LEVELS = 64
+
+
+def check_delay_ladder(unit: Duration, levels: Any, where: str) -> tuple[int, int]:
+    """Return ``(unit in ms, levels)`` for a delay ladder, or refuse them naming `where`.
+
+    The unit is at least a millisecond (RabbitMQ's TTLs count whole ones); the top level's
+    TTL, ``unit · 2^(levels-1)``, must fit in an AMQP integer.
+    """
+    try:
+        unit_ms = to_ms(unit, what=f"{where}: delay_unit")
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    if unit_ms < 1:
+        raise ConfigurationError(
+            f"{where}: delay_unit must be at least 1ms (RabbitMQ TTLs are whole "
+            f"milliseconds), got {unit!r}"
+        )
+    levels = check_count(levels, where, "delay_levels", high=_MAX_LEVELS)
+    if unit_ms << (levels - 1) > _AMQP_INT_MAX:
+        raise ConfigurationError(
+            f"{where}: delay_levels={levels} at delay_unit={label(unit_ms)} gives the top "
+            f"level a TTL of {unit_ms << (levels - 1)} ms, beyond what an AMQP integer holds; "
+            "use fewer levels or a smaller unit"
+        )
+    return unit_ms, levels
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """The app's settings, resolved once: argument, then environment, then default.
 
     Build them with `Settings.build`, which checks every value; the attributes are then
-    trusted everywhere. Durations are in seconds.
+    trusted everywhere. Durations are in seconds, except the delay ladder's unit (``_ms``).
     """
 
     url: str
@@ -144,6 +177,8 @@ class Settings:
     connection_name: str | None
     #: Every broker URL, `url` first: the nodes of a RabbitMQ cluster, tried in turn.
     urls: tuple[str, ...] = ()
+    delay_unit_ms: int = 100
+    delay_levels: int = 32
 
     @classmethod
     def build(
@@ -162,6 +197,8 @@ class Settings:
         shutdown_timeout: Duration = "30s",
         thread_limit: int = 40,
         connection_name: str | None = None,
+        delay_unit: Duration = "100ms",
+        delay_levels: int = 32,
     ) -> Settings:
         """Check and resolve the options of `cuebx.Cuebx` (see there for their meaning).
 
@@ -179,6 +216,7 @@ class Settings:
         except ValueError as exc:
             raise ConfigurationError(f"{where}: {exc}") from None
         urls = _check_urls(url, where)
+        delay_unit_ms, delay_levels = check_delay_ladder(delay_unit, delay_levels, where)
         return cls(
             url=urls[0],
             urls=urls,
@@ -202,4 +240,6 @@ class Settings:
             shutdown_timeout=check_seconds(shutdown_timeout, where, "shutdown_timeout"),
             thread_limit=check_count(thread_limit, where, "thread_limit"),
             connection_name=connection_name,
+            delay_unit_ms=delay_unit_ms,
+            delay_levels=delay_levels,
         )

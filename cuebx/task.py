@@ -139,6 +139,8 @@ class TaskPublisher(Protocol):
         headers: Mapping[str, Any] | None = None,
         correlation_id: str | None = None,
         message_id: str | None = None,
+        countdown: Duration | None = None,
+        eta: datetime | None = None,
     ) -> TaskHandle[Any]: ...
 
     async def publish_many(
@@ -432,15 +434,20 @@ class Task(Generic[P, R]):
         correlation_id: str | None = None,
         message_id: str | None = None,
     ) -> TaskHandle[R]:
-        """Publish with message options: priority, extra headers, ids.
+        """Publish with message options: a delay, priority, extra headers, ids.
 
         Arguments are checked at run time (``apply_async`` cannot be typed like ``delay``).
+        A `countdown` or `eta` is held by the broker, in the app's delay ladder
+        (`cuebx.delays`), never by a sleeping publisher or worker: the task starts no
+        earlier than it is due, and within about one ``delay_unit`` after.
 
         Args:
             args: positional arguments of the task.
             kwargs: keyword arguments of the task.
-            countdown: not supported yet.
-            eta: not supported yet.
+            countdown: run no earlier than this long from now: seconds, ``"10m"``,
+                ``"1h30m"`` or a `timedelta`; rounded up to the app's ``delay_unit``.
+            eta: run no earlier than this moment: an aware `datetime` (with a time zone).
+                A moment in the past runs now.
             priority: the message priority (needs ``Cuebx(max_priority=N)``); defaults to
                 the task's ``priority=``.
             headers: extra message headers, passed to the handler in ``TaskContext.headers``.
@@ -450,13 +457,10 @@ class Task(Generic[P, R]):
 
         Raises:
             ArgumentsError: the arguments do not fit the task's signature.
+            DelayError: both `countdown` and `eta`, a negative countdown, a naive eta, or a
+                delay longer than the ladder holds (the message names the maximum).
             PublishError: the broker did not confirm the message.
         """
-        if countdown is not None or eta is not None:
-            raise NotImplementedError(
-                f"task {self.name!r}: countdown= and eta= are not supported yet; cuebx will hold "
-                "delays on the broker (a TTL ladder), never in a sleeping publisher or worker"
-            )
         return await self.publisher.publish(
             self,
             tuple(args),
@@ -465,6 +469,8 @@ class Task(Generic[P, R]):
             headers=headers,
             correlation_id=correlation_id,
             message_id=message_id,
+            countdown=countdown,
+            eta=eta,
         )
 
     async def map(

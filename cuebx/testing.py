@@ -93,10 +93,14 @@ async def running(
 
 
 async def drain(app: Cuebx, *, timeout: float = 10.0) -> None:  # noqa: ASYNC109
-    """Wait until every main queue and retry tier is empty and every handler has finished.
+    """Wait until every main queue, retry tier and delay level is empty and every handler
+    has finished.
 
-    On an in-memory broker, when only messages waiting out a retry tier's TTL are left, the
-    broker's clock jumps to the next expiry, so retries take no real time.
+    On an in-memory broker, when only messages waiting out a TTL (a retry tier's, a delay
+    level's) are left, the broker's clock jumps to the next expiry, so retries and
+    countdowns take no real time. On RabbitMQ it waits for them in real time; the levels of
+    the delay ladder count once the app delayed a message (other apps on the exchange share
+    them).
 
     Raises:
         RuntimeError: no consumers run for `app` (start them with `running`).
@@ -135,8 +139,11 @@ async def _quiet(app: Cuebx, caller: str, seconds: float, *, follow_ttls: bool) 
             await _drain_memory(broker, workers, follow_ttls=follow_ttls)
         else:
             topology = app.topology()
-            queues = topology.queues if follow_ttls else topology.main_queues
-            names = [q.name for q in queues if q.role != "dead-letter"]
+            queues = list(topology.queues if follow_ttls else topology.main_queues)
+            if follow_ttls and app.delays.declared_on(broker):
+                # The levels of the delay ladder, shared with every app on the exchange.
+                queues += app.delays.topology().queues
+            names = [q.name for q in queues if q.role not in ("dead-letter", "unroutable")]
             await _drain_waiting(broker, workers, names)
 
 

@@ -13,6 +13,10 @@ topology can be printed, diffed and tested without a broker. For a queue ``Q`` w
                         └──────────────▶ Q
            Q.dlq   ◀── last attempt failed, Reject, invalid input (worker publishes a copy)
                    ◀── rejected / delivery limit reached (RabbitMQ dead-letters from Q)
+
+Beyond that one direct exchange, a topology can hold exchanges of any type (`ExchangeSpec`)
+and bindings between exchanges and queues or other exchanges (`Binding`): the delay ladder
+(`cuebx.delays`) is built from them.
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from cuebx.errors import ConfigurationError
 
 __all__ = [
     "ArgumentDifference",
+    "Binding",
+    "DestinationType",
+    "ExchangeSpec",
+    "ExchangeType",
     "QueueRoute",
     "QueueSpec",
     "QueueType",
@@ -38,7 +46,9 @@ __all__ = [
 ]
 
 QueueType = Literal["classic", "quorum"]
-QueueRole = Literal["main", "retry", "dead-letter", "scheduler"]
+QueueRole = Literal["main", "retry", "dead-letter", "scheduler", "delay", "unroutable"]
+ExchangeType = Literal["direct", "topic", "headers", "fanout"]
+DestinationType = Literal["queue", "exchange"]
 
 
 def retry_queue_name(queue: str, delay_ms: int) -> str:
@@ -84,15 +94,58 @@ class QueueSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class Topology:
-    """Everything cuebx declares: one direct exchange and the queues, in declaration order.
+class ExchangeSpec:
+    """One durable exchange to declare, of a type, with its arguments.
 
-    Dead-letter queues come first and main queues last, so that every queue a ``x-dead-
-    letter-routing-key`` names exists before a message could be dead-lettered to it.
+    Attributes:
+        name: the exchange's name.
+        type: ``direct``, ``topic`` (``*`` one word, ``#`` zero or more), ``headers``
+            (matched on the bindings' arguments) or ``fanout``.
+        arguments: e.g. ``alternate-exchange``: where RabbitMQ sends what this exchange
+            itself routes nowhere, instead of dropping or returning it.
+    """
+
+    name: str
+    type: ExchangeType = "direct"
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One binding: what exchange `source` routes for `routing_key` goes to `destination`.
+
+    Attributes:
+        source: the exchange the binding belongs to.
+        destination: a queue, or an exchange (an exchange-to-exchange binding, which
+            RabbitMQ follows on publish and on dead-lettering alike).
+        routing_key: the key (direct), the pattern (topic), or ignored (headers, fanout).
+        arguments: a headers exchange matches on these: ``x-match`` (``all`` or ``any``)
+            and the headers to compare; RabbitMQ ignores headers starting with ``x-``.
+        destination_type: ``queue`` or ``exchange``.
+    """
+
+    source: str
+    destination: str
+    routing_key: str = ""
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    destination_type: DestinationType = "queue"
+
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Everything cuebx declares, in declaration order.
+
+    The direct `exchange` comes first, then `exchanges`, then `queues` (each bound to
+    `exchange` by its routing keys), then `bindings`. Dead-letter queues come first and
+    main queues last, so that every queue a ``x-dead-letter-routing-key`` names exists
+    before a message could be dead-lettered to it; exchanges come before queues for the
+    same reason (``x-dead-letter-exchange``).
     """
 
     exchange: str
     queues: tuple[QueueSpec, ...]
+    exchanges: tuple[ExchangeSpec, ...] = ()
+    bindings: tuple[Binding, ...] = ()
     _by_name: Mapping[str, QueueSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

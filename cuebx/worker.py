@@ -8,8 +8,11 @@ is acked only after its handler returned, or after its retry or dead-letter copy
 confirmed; whatever is not acked when the worker stops or dies goes back to its queue.
 
 The worker decides nothing itself: `cuebx.policy.admit` sorts each delivery (run it, count
-a redelivery, or dead-letter poison), `RetryPolicy.on_failure` sorts each failure, and the
-middleware `Stack` adds whatever plug-ins do around a handler.
+a redelivery, send back one that is not due yet, or dead-letter poison),
+`RetryPolicy.on_failure` sorts each failure, and the middleware `Stack` adds whatever
+plug-ins do around a handler. Whatever must wait (not due, ``Retry(delay=)``, `Postpone`)
+goes down the broker's delay ladder (`cuebx.delays`): the worker never sleeps on a message
+nor holds one unacked while it waits, so RabbitMQ's consumer timeout never bites.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from anyio.abc import TaskStatus
 
 from cuebx.brokers.base import Broker, Delivery, Subscription
 from cuebx.context import TaskContext, _current
-from cuebx.errors import PublishError, Retry
+from cuebx.delays import Delays, Ladder, now_us
+from cuebx.errors import BrokerError, PublishError, Retry, TopologyError
 from cuebx.message import (
     BROKER_HEADERS,
     HEADER_ATTEMPT,
@@ -41,8 +45,16 @@ from cuebx.message import (
     new_message_id,
     retry_copy,
 )
-from cuebx.middleware import Outcome, Received, Skip, Stack, notify
-from cuebx.policy import CountRedelivery, DeadLetter, RetryThrough, Run, admit
+from cuebx.middleware import Outcome, Postpone, Received, Skip, Stack, notify
+from cuebx.policy import (
+    CountRedelivery,
+    DeadLetter,
+    NotDue,
+    RetryAfter,
+    RetryThrough,
+    Run,
+    admit,
+)
 from cuebx.settings import Settings, check_prefetch
 from cuebx.task import Task
 from cuebx.topology import QueueSpec, Topology
@@ -126,6 +138,8 @@ class Worker:
         prefetch: unacked messages per queue, for every queue; else the task's or app's.
         shutdown_timeout: seconds running handlers may finish on a graceful stop; else
             the app's setting.
+        delays: the app's delay ladder, shared with its publisher; else one of its own
+            from `settings`.
 
     Raises:
         LookupError: a queue in `queues` has no task.
@@ -143,9 +157,13 @@ class Worker:
         queues: Sequence[str] | None = None,
         prefetch: int | None = None,
         shutdown_timeout: float | None = None,
+        delays: Delays | None = None,
     ) -> None:
         self.broker = broker
         self.settings = settings
+        self.delays = delays or Delays(
+            Ladder.of(settings), lambda: [q.name for q in topology.main_queues]
+        )
         self.stack = stack if stack is not None else Stack()
         self.shutdown_timeout = (
             settings.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
@@ -422,6 +440,7 @@ class Worker:
             tasks=queue.tasks,
             max_size=self.settings.max_message_size,
             redelivery_limit=queue.redelivery_limit,
+            now=self.broker.clock.time(),
         )
         message_id = delivery.message_id or new_message_id()
         if type(decision) is Run:
@@ -439,6 +458,9 @@ class Worker:
                 reply_to=delivery.reply_to,
             )
             await self._run(queue, task, context, decision.arguments, delivery)
+            return
+        if isinstance(decision, NotDue):
+            await self._send_back(queue, delivery, message_id, decision.eta_ms)
             return
         name = headers.get(HEADER_TASK)
         known = name if isinstance(name, str) and name in queue.tasks else None
@@ -481,6 +503,9 @@ class Worker:
                     await stack.run_before_handler(received)
                 except Skip as skip:
                     await self._skip(received, skip, delivery)
+                    return
+                except Postpone as postpone:
+                    await self._postpone(queue, received, postpone, delivery)
                     return
             await self._attempt(queue, task, context, arguments, delivery, received)
         finally:
@@ -627,6 +652,9 @@ class Worker:
                 extra=_context_fields(context),
             )
         decision = task.retry_policy.on_failure(context.attempt, error)
+        if isinstance(decision, RetryAfter):
+            await self._retry_after(queue, context, delivery, error, received, decision)
+            return
         if isinstance(decision, RetryThrough):
             logger.warning(
                 "task %s message %s attempt %d failed: %s: %s; retrying through %s",
@@ -706,32 +734,157 @@ class Worker:
         if moved and received is not None and self.stack.on_dead_letter:
             await notify(self.stack.on_dead_letter, received, reason, error)
 
+    # -- the delay ladder -------------------------------------------------------------------
+
+    async def _send_back(
+        self, queue: _Queue, delivery: Delivery, message_id: str, eta_ms: int
+    ) -> None:
+        """Send a message that came before its eta back down the ladder for the rest."""
+        headers = delivery.headers
+        now = self.broker.clock.time()
+        logger.info(
+            "message %s on %r came %.3fs before its eta (this worker's clock is behind the "
+            "publisher's?): sent back down the delay ladder",
+            message_id,
+            queue.name,
+            eta_ms / 1000 - now,
+            extra=_log_fields(
+                headers.get(HEADER_TASK), message_id, header_count(headers.get(HEADER_ATTEMPT))
+            ),
+        )
+        copy = _outgoing(delivery, message_id)
+        await self._delay(queue.name, delivery, copy, message_id, due_us=eta_ms * 1000)
+
+    async def _retry_after(
+        self,
+        queue: _Queue,
+        context: TaskContext,
+        delivery: Delivery,
+        error: Exception,
+        received: Received | None,
+        decision: RetryAfter,
+    ) -> None:
+        logger.warning(
+            "task %s message %s attempt %d failed: %s: %s; retrying in %gs through the delay "
+            "ladder",
+            context.task_name,
+            context.message_id,
+            context.attempt,
+            type(error).__name__,
+            error,
+            decision.delay_ms / 1000,
+            extra=_context_fields(context),
+        )
+        copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
+        due = now_us(self.broker.clock) + decision.delay_ms * 1000
+        moved = await self._delay(queue.name, delivery, copy, context.message_id, due_us=due)
+        if moved and received is not None and self.stack.on_retry:
+            await notify(
+                self.stack.on_retry,
+                received,
+                error,
+                attempt=decision.attempt,
+                delay=decision.delay_ms / 1000,
+            )
+
+    async def _postpone(
+        self, queue: _Queue, received: Received, postpone: Postpone, delivery: Delivery
+    ) -> None:
+        context = received.context
+        logger.info(
+            "task %s message %s attempt %d postponed by %gs: %s",
+            context.task_name,
+            context.message_id,
+            context.attempt,
+            postpone.delay_ms / 1000,
+            postpone.reason or "a middleware postponed it",
+            extra=_context_fields(context),
+        )
+        await notify(self.stack.after_handler, received, Outcome(error=postpone))
+        copy = _outgoing(delivery, context.message_id)
+        due = now_us(self.broker.clock) + postpone.delay_ms * 1000
+        await self._delay(queue.name, delivery, copy, context.message_id, due_us=due)
+
+    async def _delay(
+        self,
+        queue: str,
+        delivery: Delivery,
+        copy: OutgoingMessage,
+        message_id: str,
+        *,
+        due_us: int,
+    ) -> bool:
+        """Publish a copy down the delay ladder, due at `due_us`, then ack the original.
+
+        Returns:
+            True once moved; False when the original was requeued (the copy was not
+            confirmed, or the ladder could not be declared).
+        """
+        delays = self.delays
+        headers = copy.headers
+        fields = _log_fields(
+            headers.get(HEADER_TASK), message_id, header_count(headers.get(HEADER_ATTEMPT))
+        )
+        try:
+            if delays.ladder.units(due_us, now_us(self.broker.clock)):
+                await delays.declare(self.broker, queue)
+        except (TopologyError, BrokerError) as exc:
+            logger.error(
+                "cannot declare the delay ladder to move message %s of %r: %s; requeueing it",
+                message_id,
+                queue,
+                exc,
+                extra=fields,
+            )
+            with anyio.CancelScope(shield=True):
+                await delivery.reject(requeue=True)
+            return False
+        # Planned after declaring, which may have taken a while.
+        now = now_us(self.broker.clock)
+        exchange, key, copy = delays.ladder.prepare(copy, queue, due_us=due_us, now_us=now)
+        moved = await self._publish_then_ack(delivery, exchange, key, copy, message_id, fields)
+        if not moved:
+            delays.forget()  # was the ladder deleted? declare it again next time
+        return moved
+
     async def _forward(
         self, delivery: Delivery, queue: str, copy: OutgoingMessage, context: TaskContext
     ) -> bool:
         """Publish a copy through the default exchange, then ack the original.
 
-        Shielded: a stop that lands between the two would leave both the copy and the
-        original in the broker.
-
         Returns:
             True once the copy is confirmed and the original acked; False when the copy was
             not confirmed and the original was requeued.
         """
+        fields = _log_fields(context.task_name or None, context.message_id, context.attempt)
+        return await self._publish_then_ack(delivery, "", queue, copy, context.message_id, fields)
+
+    async def _publish_then_ack(
+        self,
+        delivery: Delivery,
+        exchange: str,
+        routing_key: str,
+        copy: OutgoingMessage,
+        message_id: str,
+        fields: dict[str, Any],
+    ) -> bool:
+        """Publish a copy, then ack the original; requeue the original if not confirmed.
+
+        Shielded: a stop that lands between the two would leave both the copy and the
+        original in the broker.
+        """
         moved = False
         with anyio.CancelScope(shield=True):
             try:
-                await self.broker.publish("", queue, copy)
+                await self.broker.publish(exchange, routing_key, copy)
             except PublishError as exc:
                 # Not confirmed: keep the original, so the message is never lost.
                 logger.error(
                     "could not move message %s to %r: %s; requeueing it",
-                    context.message_id,
-                    queue,
+                    message_id,
+                    routing_key if not exchange else exchange,
                     exc,
-                    extra=_log_fields(
-                        context.task_name or None, context.message_id, context.attempt
-                    ),
+                    extra=fields,
                 )
                 await delivery.reject(requeue=True)
             else:

@@ -48,7 +48,13 @@ from cuebx.errors import (
     UnroutableError,
 )
 from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, header_count
-from cuebx.topology import ArgumentDifference, Topology, describe_differences
+from cuebx.topology import (
+    ArgumentDifference,
+    Binding,
+    ExchangeSpec,
+    Topology,
+    describe_differences,
+)
 
 __all__ = ["AmqpBroker"]
 
@@ -606,16 +612,9 @@ class AmqpBroker:
 
     async def declare(self, topology: Topology) -> None:
         async with self._scratch_channel() as channel:
-            try:
-                await channel.exchange_declare(
-                    topology.exchange, exchange_type="direct", durable=True
-                )
-            except aiormq.exceptions.AMQPError as exc:
-                raise TopologyError(
-                    f"cannot declare exchange {topology.exchange!r} (cuebx wants a durable "
-                    f"direct exchange; one of that name with another type or durability "
-                    f"cannot be redeclared): {_reply_text(exc)}"
-                ) from None
+            await _declare_exchange(channel, ExchangeSpec(topology.exchange))
+            for exchange in topology.exchanges:
+                await _declare_exchange(channel, exchange)
             for queue in topology.queues:
                 try:
                     await channel.queue_declare(
@@ -630,18 +629,15 @@ class AmqpBroker:
                         f"cannot declare queue {queue.name!r}: {_reply_text(exc)}"
                     ) from None
                 for key in queue.routing_keys:
-                    try:
-                        await channel.queue_bind(queue.name, topology.exchange, routing_key=key)
-                    except aiormq.exceptions.AMQPError as exc:
-                        raise TopologyError(
-                            f"cannot bind queue {queue.name!r} to exchange "
-                            f"{topology.exchange!r} with routing key {key!r}: {_reply_text(exc)}"
-                        ) from None
+                    await _bind(channel, Binding(topology.exchange, queue.name, key))
+            await _bind_all(channel, topology.bindings)
 
     async def delete(self, topology: Topology) -> None:
         async with self._scratch_channel() as channel:
             for queue in reversed(topology.queues):
                 await channel.queue_delete(queue.name)
+            for exchange in reversed(topology.exchanges):
+                await channel.exchange_delete(exchange.name)
 
     async def queue_length(self, queue: str) -> int:
         async with self._scratch_channel(queue) as channel:
@@ -972,6 +968,69 @@ _INEQUIVALENT = re.compile(
     r"received (?:none|the value '(?P<received>.*?)' of type '\w+'|'(?P<received_bare>.*?)')"
     r" but current is (?:none|the value '(?P<current>.*?)' of type '\w+'|'(?P<current_bare>.*)')"
 )
+
+
+async def _declare_exchange(channel: aiormq.abc.AbstractChannel, exchange: ExchangeSpec) -> None:
+    try:
+        await channel.exchange_declare(
+            exchange.name,
+            exchange_type=exchange.type,
+            durable=True,
+            arguments=dict(exchange.arguments) or None,
+        )
+    except aiormq.exceptions.AMQPError as exc:
+        shown = "".join(f", {k}={v!r}" for k, v in exchange.arguments.items())
+        raise TopologyError(
+            f"cannot declare exchange {exchange.name!r} (cuebx wants a durable "
+            f"{exchange.type} exchange{shown}; one of that name with another type, "
+            f"durability or alternate-exchange cannot be redeclared): {_reply_text(exc)}"
+        ) from None
+
+
+async def _bind(
+    channel: aiormq.abc.AbstractChannel, binding: Binding, *, nowait: bool = False
+) -> None:
+    arguments = dict(binding.arguments) or None
+    # Both take (destination, source, routing key).
+    bind = channel.exchange_bind if binding.destination_type == "exchange" else channel.queue_bind
+    where = (binding.destination, binding.source, binding.routing_key)
+    try:
+        if nowait:
+            await bind(*where, nowait=True, arguments=arguments)
+        else:
+            await bind(*where, arguments=arguments)
+    except aiormq.exceptions.AMQPError as exc:
+        how = f"routing key {binding.routing_key!r}"
+        if binding.arguments:
+            how += f" and arguments {dict(binding.arguments)!r}"
+        raise TopologyError(
+            f"cannot bind {binding.destination_type} {binding.destination!r} to exchange "
+            f"{binding.source!r} with {how}: {_reply_text(exc)}"
+        ) from None
+
+
+async def _bind_all(channel: aiormq.abc.AbstractChannel, bindings: Sequence[Binding]) -> None:
+    """Make many bindings in one round trip: all but the last without waiting (nowait).
+
+    RabbitMQ handles a channel's methods in order, so the last binding's reply comes after
+    every other one was made; one that failed closes the channel, and the error (its reply
+    text names the exchange or queue) is raised at the last binding. The delay ladder has
+    hundreds of bindings: one round trip each took seconds on a busy broker.
+    """
+    if not bindings:
+        return
+    *first, last = bindings
+    try:
+        for binding in first:
+            await _bind(channel, binding, nowait=True)
+        await _bind(channel, last)
+    except TopologyError as exc:
+        if not first:
+            raise
+        raise TopologyError(
+            f"cannot make the {len(bindings)} bindings of exchanges "
+            f"{', '.join(sorted({b.source for b in bindings})[:3])}...: {exc}"
+        ) from None
 
 
 #: The broker's side of a PRECONDITION_FAILED reply: "... but current is none", "... but

@@ -115,20 +115,6 @@ async def test_a_publish_nobody_can_receive_raises_instead_of_vanishing(
         await work.delay()
 
 
-async def test_countdown_and_eta_say_they_are_not_implemented_yet(
-    make_app: AppFactory, prefix: str
-) -> None:
-    app = make_app()
-
-    @app.task(queue=f"{prefix}.q")
-    async def later() -> None: ...
-
-    with pytest.raises(NotImplementedError, match="countdown"):
-        await later.apply_async(countdown="10m")
-    with pytest.raises(NotImplementedError, match="eta"):
-        await later.apply_async(eta=datetime.now(UTC))
-
-
 async def test_a_message_over_max_message_size_is_refused_before_it_is_published(
     make_app: AppFactory, prefix: str, probe: Probe
 ) -> None:

@@ -15,6 +15,7 @@ from anyio.lowlevel import checkpoint
 
 from cuebx.brokers.base import Delivery, DeliveryHandler, LostHandler, QueueState, ReplyHandler
 from cuebx.brokers.memory.clock import CLOCK_MODES, NS_PER_S, Clock, ClockMode
+from cuebx.brokers.memory.exchanges import Exchange, Route
 from cuebx.brokers.memory.host import TaskHost
 from cuebx.brokers.memory.queues import Consumer, Entry, MemoryDelivery, Outcome, Queue
 from cuebx.errors import (
@@ -26,7 +27,7 @@ from cuebx.errors import (
     UnroutableError,
 )
 from cuebx.message import OutgoingMessage
-from cuebx.topology import Topology, describe_differences, diff
+from cuebx.topology import Binding, ExchangeSpec, Topology, describe_differences, diff
 
 __all__ = ["MemoryBroker"]
 
@@ -100,8 +101,7 @@ class MemoryBroker:
         self._connected = False
         self._host = TaskHost()
         self._queues: dict[str, Queue] = {}
-        # exchange -> routing key -> queue names (an ordered set), for direct exchanges.
-        self._exchanges: dict[str, dict[str, dict[str, None]]] = {}
+        self._exchanges: dict[str, Exchange] = {}
         self._consumers: list[Consumer] = []
         # (expiry, seq, push, entry) over all queues; entries that left are skipped.
         self._expiries: list[tuple[int, int, int, Entry]] = []
@@ -163,27 +163,64 @@ class MemoryBroker:
     # -- topology ---------------------------------------------------------------------------
 
     async def declare(self, topology: Topology) -> None:
-        """Declare the direct exchange, the queues in order, and the main queues' bindings.
+        """Declare the direct exchange, the other exchanges, the queues, then the bindings.
 
         Raises:
             TopologyConflictError: a queue exists with other arguments (RabbitMQ answers
                 PRECONDITION_FAILED and changes nothing).
-            TopologyError: the exchange is the default or an ``amq.`` one, or an argument
-                has a value RabbitMQ refuses.
+            TopologyError: an exchange is the default or an ``amq.`` one, or exists with
+                another type or alternate exchange; an argument has a value RabbitMQ
+                refuses; a binding names an exchange or queue that does not exist.
         """
         await checkpoint()
         self._require_connected()
-        exchange = topology.exchange
-        if exchange == "" or exchange.startswith("amq."):
-            raise TopologyError(
-                f"cannot declare exchange {exchange!r}: the default and amq.* exchanges are "
-                "reserved (RabbitMQ answers ACCESS_REFUSED)"
-            )
-        bindings = self._exchanges.setdefault(exchange, {})
+        main = self._declare_exchange(ExchangeSpec(topology.exchange))
+        for exchange in topology.exchanges:
+            self._declare_exchange(exchange)
         for spec in topology.queues:
             queue = self._declare_queue(spec.name, spec.arguments)
             for key in spec.routing_keys:
-                bindings.setdefault(key, {})[queue.name] = None
+                main.bind(Route(queue.name, "queue", key, ()))
+        for binding in topology.bindings:
+            self._bind(binding)
+
+    def _declare_exchange(self, spec: ExchangeSpec) -> Exchange:
+        name = spec.name
+        if name == "" or name.startswith("amq."):
+            raise TopologyError(
+                f"cannot declare exchange {name!r}: the default and amq.* exchanges are "
+                "reserved (RabbitMQ answers ACCESS_REFUSED)"
+            )
+        existing = self._exchanges.get(name)
+        if existing is None:
+            exchange = self._exchanges[name] = Exchange(name, spec.type, dict(spec.arguments))
+            return exchange
+        # RabbitMQ compares the type and, of the arguments, only alternate-exchange.
+        wanted = Exchange(name, spec.type, dict(spec.arguments))
+        if existing.type != spec.type or existing.alternate != wanted.alternate:
+            raise TopologyError(
+                f"cannot declare exchange {name!r} as a durable {spec.type} exchange with "
+                f"alternate-exchange {wanted.alternate!r}: it exists as a {existing.type} "
+                f"exchange with alternate-exchange {existing.alternate!r} (RabbitMQ answers "
+                "PRECONDITION_FAILED)"
+            )
+        return existing
+
+    def _bind(self, binding: Binding) -> None:
+        source = self._exchanges.get(binding.source)
+        to_exchange = binding.destination_type == "exchange"
+        found = (self._exchanges if to_exchange else self._queues).get(binding.destination)
+        if source is None or found is None:
+            missing = (
+                f"exchange {binding.source!r}"
+                if source is None
+                else f"{binding.destination_type} {binding.destination!r}"
+            )
+            raise TopologyError(
+                f"cannot bind {binding.destination_type} {binding.destination!r} to exchange "
+                f"{binding.source!r}: {missing} does not exist (RabbitMQ answers NOT_FOUND)"
+            )
+        source.bind(Route.of(binding))
 
     def _declare_queue(self, name: str, arguments: Mapping[str, Any]) -> Queue:
         existing = self._queues.get(name)
@@ -197,15 +234,20 @@ class MemoryBroker:
         return queue
 
     async def delete(self, topology: Topology) -> None:
-        """Delete the queues of `topology`, their messages and bindings (not the exchange).
+        """Delete the queues of `topology`, their messages and bindings, then its `exchanges`.
 
-        Consumers of a deleted queue get no more deliveries, and settling what they hold
-        does nothing, as on RabbitMQ.
+        The direct `Topology.exchange` stays: other apps may share it. Consumers of a
+        deleted queue get no more deliveries, and settling what they hold does nothing, as
+        on RabbitMQ. Deleting an exchange removes the bindings from and to it.
         """
         await checkpoint()
         self._require_connected()
         for spec in reversed(topology.queues):
             self._delete_queue(spec.name)
+        for exchange in reversed(topology.exchanges):
+            if self._exchanges.pop(exchange.name, None) is not None:
+                for other in self._exchanges.values():
+                    other.unbind(exchange.name, "exchange")
 
     def _delete_queue(self, name: str) -> None:
         queue = self._queues.pop(name, None)
@@ -216,11 +258,8 @@ class MemoryBroker:
         self.clock._touched()
         for consumer in list(queue.consumers):
             self._stop_consumer(consumer)
-        for bindings in self._exchanges.values():
-            for key, names in list(bindings.items()):
-                names.pop(name, None)
-                if not names:
-                    del bindings[key]
+        for exchange in self._exchanges.values():
+            exchange.unbind(name, "queue")
 
     # -- publishing -------------------------------------------------------------------------
 
@@ -301,7 +340,7 @@ class MemoryBroker:
                 )
             # RabbitMQ rewrites the address into one naming this channel.
             message = replace(message, reply_to=self._replies[0])
-        targets = self._route(exchange, routing_key)
+        targets = self._route(exchange, routing_key, message.headers)
         where = f"exchange {exchange!r} routing key {routing_key!r}"
         if targets is None:
             raise PublishError(
@@ -321,15 +360,39 @@ class MemoryBroker:
         self._fire_due()
         self.clock._touched()
 
-    def _route(self, exchange: str, routing_key: str) -> list[Queue] | None:
-        """Return the queues a message goes to, or None when the exchange does not exist."""
+    def _route(
+        self, exchange: str, routing_key: str, headers: Mapping[str, Any]
+    ) -> list[Queue] | None:
+        """Return the queues a message goes to, or None when the exchange does not exist.
+
+        As RabbitMQ does: exchange-to-exchange bindings are followed (each exchange once),
+        an exchange whose own bindings match nothing passes the message to its
+        ``alternate-exchange``, and a queue reached twice gets one copy.
+        """
         if exchange == "":
             queue = self._queues.get(routing_key)
             return [] if queue is None else [queue]
-        bindings = self._exchanges.get(exchange)
-        if bindings is None:
+        start = self._exchanges.get(exchange)
+        if start is None:
             return None
-        return [self._queues[name] for name in bindings.get(routing_key, ())]
+        queues: dict[str, Queue] = {}
+        seen: set[str] = set()
+        pending = [start]
+        while pending:
+            current = pending.pop(0)
+            if current.name in seen:
+                continue
+            seen.add(current.name)
+            routes = current.match(routing_key, headers)
+            if not routes and current.alternate in self._exchanges:
+                pending.append(self._exchanges[current.alternate])
+            for route in routes:
+                if route.destination_type == "exchange":
+                    if route.destination in self._exchanges:
+                        pending.append(self._exchanges[route.destination])
+                elif route.destination in self._queues:
+                    queues.setdefault(route.destination, self._queues[route.destination])
+        return list(queues.values())
 
     def _enqueue(
         self, queue: Queue, message: OutgoingMessage, exchange: str, routing_key: str
@@ -544,7 +607,7 @@ class MemoryBroker:
         routing_key = queue.arguments.get("x-dead-letter-routing-key", entry.routing_key)
         message = _with_death(entry, reason, self.clock.wall())
         deaths = message.headers["x-death"]
-        for target in self._route(str(exchange), str(routing_key)) or ():
+        for target in self._route(str(exchange), str(routing_key), message.headers) or ():
             if reason == "rejected" or not _is_cycle(target.name, deaths):
                 self._enqueue(target, message, str(exchange), str(routing_key))
 
@@ -640,12 +703,13 @@ class MemoryBroker:
         return {d.argument: d.current for d in diff(arguments, existing.arguments)}
 
     async def compare_exchange(self, exchange: str, kind: str) -> dict[str, Any] | None:
-        """Memory exchanges are durable direct exchanges: only `kind` can differ."""
+        """Memory exchanges are durable: only their type can differ from `kind`."""
         await checkpoint()
         self._require_connected()
-        if exchange not in self._exchanges:
+        found = self._exchanges.get(exchange)
+        if found is None:
             return None
-        return {} if kind == "direct" else {"type": "direct"}
+        return {} if kind == found.type else {"type": found.type}
 
     def messages(self, queue: str) -> list[OutgoingMessage]:
         """Return the ready messages of `queue` in delivery order, as stored.
