@@ -172,8 +172,10 @@ def worker(
       cuebx worker -A shop.tasks --metrics-port 9100 --log-format json
     """
     configure_logging(log_level, log_format)
-    count = parse_processes(processes, "--processes")
-    supervised = count > 1 or max_tasks_per_child is not None or max_memory_per_child is not None
+    try:
+        supervised = _supervised(processes, max_tasks_per_child, max_memory_per_child)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     if supervised and metrics_port is not None:
         _share_metrics_between_processes()
     app = _worker_app(app_path, scheduler=not no_scheduler)
@@ -186,45 +188,86 @@ def worker(
             else to_seconds(shutdown_timeout, what="--shutdown-timeout")
         )
         built = app.worker(queues=names, prefetch=prefetch, shutdown_timeout=seconds)
-        memory = (
-            None
-            if max_memory_per_child is None
-            else parse_size(max_memory_per_child, "--max-memory-per-child")
+        supervisor = _supervisor(
+            app_path,
+            built,
+            processes=processes,
+            max_tasks_per_child=max_tasks_per_child,
+            max_memory_per_child=max_memory_per_child,
+            log_level=log_level.upper(),
+            prefetch=prefetch,
+            publish_timeout=app.settings.publish_timeout,
+            scheduler=not no_scheduler,
+            metrics=metrics,
         )
     except (LookupError, ValueError, BaseExceptionGroup) as exc:
         raise _click_error(exc, (LookupError, ValueError)) from None
     _log_start(app_path, app, built, no_scheduler)
-    if not supervised:
-        endpoints = None
-        if metrics is not None and metrics_port is not None:
-            from cuebx.metrics import worker_routes
+    endpoints = None
+    if metrics is not None and metrics_port is not None:
+        from cuebx.metrics import supervisor_routes, worker_routes
 
-            routes = worker_routes(built, metrics, app.topology())
-            endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
+        routes = (
+            worker_routes(built, metrics, app.topology())
+            if supervisor is None
+            else supervisor_routes(supervisor, metrics, app.broker, app.topology())
+        )
+        endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
+    if supervisor is None:
         _run_or_exit(_run_worker, app, built, endpoints)
-        return
-    supervisor = Supervisor(
-        functools.partial(_worker_app, app_path, scheduler=not no_scheduler),
-        processes=count,
-        queues=built.queue_names,
+    else:
+        raise SystemExit(_run_or_exit(_run_supervised, app, supervisor, endpoints))
+
+
+def _supervised(
+    processes: str, max_tasks_per_child: int | None, max_memory_per_child: str | None
+) -> bool:
+    """True when the worker runs in supervised worker processes (see `_supervisor`)."""
+    count = parse_processes(processes, "--processes")
+    return count > 1 or max_tasks_per_child is not None or max_memory_per_child is not None
+
+
+def _supervisor(
+    app_path: str,
+    worker: Worker,
+    *,
+    processes: str,
+    max_tasks_per_child: int | None,
+    max_memory_per_child: str | None,
+    log_level: str,
+    prefetch: int | None,
+    publish_timeout: float,
+    scheduler: bool = True,
+    metrics: PrometheusMetrics | None = None,
+) -> Supervisor | None:
+    """The supervisor of ``--processes N``, or None for today's single process.
+
+    One process without a per-child limit runs in this process, as before; anything else runs
+    in supervised worker processes (a limit needs a supervisor to start the replacement).
+    Each worker process loads the app as this command does, with its metrics middleware.
+    """
+    if not _supervised(processes, max_tasks_per_child, max_memory_per_child):
+        return None
+    memory = (
+        None
+        if max_memory_per_child is None
+        else parse_size(max_memory_per_child, "--max-memory-per-child")
+    )
+    return Supervisor(
+        functools.partial(_worker_app, app_path, scheduler=scheduler),
+        processes=parse_processes(processes, "--processes"),
+        queues=worker.queue_names,
         prefetch=prefetch,
-        shutdown_timeout=built.shutdown_timeout,
+        shutdown_timeout=worker.shutdown_timeout,
         # Time for the last retry and dead-letter copies to be confirmed, and to close.
-        stop_grace=app.settings.publish_timeout + 10,
+        stop_grace=publish_timeout + 10,
         max_tasks_per_child=max_tasks_per_child,
         max_memory_per_child=memory,
-        log_level=log_level.upper(),
+        log_level=log_level,
         backend_options=_backend_options(),
         middleware=() if metrics is None else (type(metrics),),
         on_child_exit=None if metrics is None else _mark_dead,
     )
-    endpoints = None
-    if metrics is not None and metrics_port is not None:
-        from cuebx.metrics import supervisor_routes
-
-        routes = supervisor_routes(supervisor, metrics, app.broker, app.topology())
-        endpoints = functools.partial(serve, routes, metrics_host, metrics_port)
-    raise SystemExit(_run_or_exit(_run_supervised, app, supervisor, endpoints))
 
 
 def _worker_app(app_path: str, *, scheduler: bool = True) -> Cuebx:

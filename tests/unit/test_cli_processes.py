@@ -14,8 +14,11 @@ APP = "tests.integration.scaleout_app"
 
 def _worker_params(*args: str) -> dict[str, object]:
     worker = main.commands["worker"]
-    with worker.make_context("worker", list(args)) as context:
-        return context.params
+    # Under the group's context, as the command line makes it: a context made without it
+    # would have click cache the worker's help option without -h for later tests.
+    with main.make_context("cuebx", ["worker"]) as parent:
+        with worker.make_context("worker", list(args), parent=parent) as context:
+            return context.params
 
 
 def test_one_process_is_the_default() -> None:
