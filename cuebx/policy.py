@@ -143,6 +143,7 @@ def admit(
     max_size: int,
     redelivery_limit: int | None = None,
     now: float | None = None,
+    subscriber: str | None = None,
 ) -> Admission[T]:
     """Decide what to do with a delivery before any handler sees it.
 
@@ -160,6 +161,9 @@ def admit(
             counts (quorum queues) or there is no limit.
         now: the worker's broker clock (epoch seconds): a message whose ``x-cuebx-eta``
             is later is `NotDue`, whatever else it holds. None: etas are not looked at.
+        subscriber: the queue's subscriber (``@app.on``), which takes the messages that
+            name no task: an event reaches every subscriber's queue, so it cannot name
+            one. None: such a message is the queue's only task's, if it has one task.
     """
     if redelivered and redelivery_limit is not None:
         count = header_count(headers.get(HEADER_REDELIVERIES)) + 1
@@ -171,7 +175,7 @@ def admit(
         eta = eta_of(headers)
         if eta is not None and eta > now * 1000 + _SLOP_MS:
             return NotDue(eta)
-    task = _find_task(queue, headers, tasks)
+    task = _find_task(queue, headers, tasks, subscriber)
     if isinstance(task, DeadLetter):
         return task
     if len(body) > max_size:
@@ -189,9 +193,13 @@ def admit(
         return DeadLetter("undecodable", exc)
 
 
-def _find_task(queue: str, headers: Mapping[str, Any], tasks: Mapping[str, T]) -> T | DeadLetter:
+def _find_task(
+    queue: str, headers: Mapping[str, Any], tasks: Mapping[str, T], subscriber: str | None
+) -> T | DeadLetter:
     name = headers.get(HEADER_TASK)
-    if name is None:
+    if name is None and subscriber is not None:
+        task = tasks.get(subscriber)
+    elif name is None:
         task = next(iter(tasks.values())) if len(tasks) == 1 else None
     else:
         task = tasks.get(name) if isinstance(name, str) else None

@@ -34,6 +34,7 @@ from cuebx.settings import check_count, check_prefetch, check_queue_type, check_
 from cuebx.topology import QueueRoute, QueueType, retry_queue_name
 
 if TYPE_CHECKING:
+    from cuebx.limits import Limiter
     from cuebx.status import TaskStatus
 
 __all__ = ["TASK_OPTIONS", "AsyncTask", "Task", "TaskHandle", "TaskOptions", "TaskPublisher"]
@@ -57,6 +58,8 @@ TASK_OPTIONS = frozenset(
         "track",
         "idempotent",
         "idempotency_key",
+        "rate_limit",
+        "concurrency",
     }
 )
 
@@ -179,6 +182,12 @@ class TaskOptions:
     track: bool = True
     idempotent: bool = False
     idempotency_key: Callable[..., str] | None = None
+    #: A rate (``"100/s"``), a limiter's name or a `cuebx.limits.Limiter`, as given: the
+    #: app resolves it (`cuebx.limits.Limits.bind`), which needs its limiters.
+    rate_limit: str | Limiter | None = None
+    concurrency: int | None = None
+    #: The topic patterns of a subscriber (``@app.on``); empty for a task.
+    subscribes: tuple[str, ...] = ()
 
     @classmethod
     def build(
@@ -198,6 +207,9 @@ class TaskOptions:
         track: bool = True,
         idempotent: bool = False,
         idempotency_key: Callable[..., str] | None = None,
+        rate_limit: str | Limiter | None = None,
+        concurrency: int | None = None,
+        subscribes: tuple[str, ...] = (),
     ) -> TaskOptions:
         """Check every option, naming the task and the option in any error."""
         where = f"task {name!r}"
@@ -216,6 +228,14 @@ class TaskOptions:
                 f"{where}: idempotency_key must be a function of the task's arguments "
                 f"returning a string, got {idempotency_key!r}"
             )
+        if concurrency is not None:
+            concurrency = check_count(concurrency, where, "concurrency")
+            if prefetch is not None and prefetch != concurrency:
+                raise ConfigurationError(
+                    f"{where}: concurrency={concurrency} is also the queue's prefetch; drop "
+                    f"prefetch={prefetch!r} or make it equal"
+                )
+            prefetch = concurrency
         return cls(
             name=name,
             queue=queue,
@@ -237,6 +257,9 @@ class TaskOptions:
             track=track,
             idempotent=idempotent or idempotency_key is not None,
             idempotency_key=idempotency_key,
+            rate_limit=rate_limit,
+            concurrency=concurrency,
+            subscribes=subscribes,
         )
 
     def route(self) -> QueueRoute:
@@ -249,6 +272,8 @@ class TaskOptions:
             queue_type=self.queue_type,
             routing_keys=self.routing_keys,
             prefetch=self.prefetch,
+            concurrency=self.concurrency,
+            subscriber=bool(self.subscribes),
         )
 
     def policy(self) -> RetryPolicy:

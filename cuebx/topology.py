@@ -46,7 +46,9 @@ __all__ = [
 ]
 
 QueueType = Literal["classic", "quorum"]
-QueueRole = Literal["main", "retry", "dead-letter", "scheduler", "delay", "unroutable"]
+QueueRole = Literal[
+    "main", "retry", "dead-letter", "scheduler", "delay", "unroutable", "events", "limit"
+]
 ExchangeType = Literal["direct", "topic", "headers", "fanout"]
 DestinationType = Literal["queue", "exchange"]
 
@@ -76,6 +78,11 @@ class QueueRoute:
     queue_type: QueueType | None = None
     routing_keys: tuple[str, ...] = ()
     prefetch: int | None = None
+    #: At most this many handlers of the queue at once, across all workers: the queue gets
+    #: ``x-single-active-consumer`` and the active consumer a prefetch of this.
+    concurrency: int | None = None
+    #: True for a subscriber (``@app.on``): it takes the queue's messages that name no task.
+    subscriber: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,12 @@ class QueueSpec:
     tasks: tuple[str, ...] = ()
     retry_tiers: tuple[str, ...] = ()
     dead_letter_queue: str | None = None
+    #: Handlers of this queue at once across all workers (a task's ``concurrency=``): the
+    #: prefetch of its single active consumer, whatever a worker's own prefetch says.
+    concurrency: int | None = None
+    #: The task that takes the messages naming no task (``x-cuebx-task``): the queue's
+    #: subscriber, since an event reaches many queues and cannot name one.
+    subscriber: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +176,33 @@ class Topology:
         """The queues tasks are consumed from."""
         return tuple(q for q in self.queues if q.role == "main")
 
+    def extend(
+        self,
+        *,
+        queues: Iterable[QueueSpec] = (),
+        exchanges: Iterable[ExchangeSpec] = (),
+        bindings: Iterable[Binding] = (),
+    ) -> Topology:
+        """Add what a capability needs (events, rate limits) to a planned topology.
+
+        The new queues come first: they dead-letter nowhere, so nothing they name must
+        exist before them, while bindings may name any queue of the result.
+
+        Raises:
+            ConfigurationError: a new queue has the name of another queue of the plan.
+        """
+        extra = tuple(queues)
+        if not (extra or exchanges or bindings):
+            return self
+        merged = (*extra, *self.queues)
+        _check_unique(merged)
+        return Topology(
+            self.exchange,
+            merged,
+            (*self.exchanges, *exchanges),
+            (*self.bindings, *bindings),
+        )
+
 
 def plan(
     routes: Iterable[QueueRoute],
@@ -189,6 +229,8 @@ def plan(
         qtype = _agree(name, group, "queue_type", default=queue_type)
         dead_letter = _agree(name, group, "dead_letter", default=True)
         prefetch = _agree(name, group, "prefetch", default=None)
+        concurrency = _agree(name, group, "concurrency", default=None)
+        subscriber = _subscriber(name, group)
         delays = sorted({ms for r in group for ms in r.retry_delays_ms})
         dlq = dead_letter_queue_name(name, dead_letter)
         quorum = qtype == "quorum"
@@ -213,13 +255,16 @@ def plan(
                     quorum=quorum,
                     delivery_limit=delivery_limit,
                     max_priority=max_priority,
+                    single_active=concurrency is not None,
                 ),
                 queue_type=qtype,
                 routing_keys=keys,
-                prefetch=prefetch,
+                prefetch=concurrency or prefetch,
                 tasks=tuple(r.task for r in group),
                 retry_tiers=tier_names,
                 dead_letter_queue=dlq,
+                concurrency=concurrency,
+                subscriber=subscriber,
             )
         )
     queues = (*dead_letters.values(), *tiers, *mains)
@@ -235,6 +280,22 @@ def _agree(queue: str, group: list[QueueRoute], option: str, *, default: Any) ->
         detail = ", ".join(f"task {t!r} has {option}={v!r}" for t, v in sorted(chosen, key=str))
         raise ConfigurationError(f"tasks on queue {queue!r} disagree: {detail}")
     return values.pop() if values else default
+
+
+def _subscriber(queue: str, group: list[QueueRoute]) -> str | None:
+    """The one subscriber of a queue, if any.
+
+    One message reaches a queue once however many of its bindings match, so two
+    subscribers on one queue would share each event instead of each getting it.
+    """
+    subscribers = [r.task for r in group if r.subscriber]
+    if len(subscribers) > 1:
+        raise ConfigurationError(
+            f"subscribers {', '.join(map(repr, subscribers))} share queue {queue!r}: each "
+            "subscriber needs a queue of its own (an event reaches a queue once, so they "
+            "would split it between them); give each its own queue="
+        )
+    return subscribers[0] if subscribers else None
 
 
 def _check_unique(queues: Iterable[QueueSpec]) -> None:
@@ -254,9 +315,18 @@ def _type_arguments(quorum: bool) -> dict[str, Any]:
 
 
 def _main_arguments(
-    dlq: str | None, *, quorum: bool, delivery_limit: int | None, max_priority: int | None
+    dlq: str | None,
+    *,
+    quorum: bool,
+    delivery_limit: int | None,
+    max_priority: int | None,
+    single_active: bool = False,
 ) -> dict[str, Any]:
     args = _type_arguments(quorum)
+    if single_active:
+        # One consumer at a time gets deliveries, with `concurrency` as its prefetch: at
+        # most that many handlers run, whichever worker holds the queue.
+        args["x-single-active-consumer"] = True
     if dlq is not None:
         args["x-dead-letter-exchange"] = ""
         args["x-dead-letter-routing-key"] = dlq

@@ -207,7 +207,9 @@ class Worker:
         queues = []
         for name in wanted:
             spec = mains[name]
-            size = prefetch or spec.prefetch or self.settings.prefetch
+            # A queue's concurrency bounds its handlers across all workers: no worker's own
+            # prefetch may raise it.
+            size = spec.concurrency or prefetch or spec.prefetch or self.settings.prefetch
             # Quorum queues count deliveries themselves (x-delivery-limit).
             limit = None if spec.queue_type == "quorum" else self.settings.delivery_limit
             queue_tasks = {t: tasks[t] for t in spec.tasks}
@@ -441,6 +443,7 @@ class Worker:
             max_size=self.settings.max_message_size,
             redelivery_limit=queue.redelivery_limit,
             now=self.broker.clock.time(),
+            subscriber=queue.spec.subscriber,
         )
         message_id = delivery.message_id or new_message_id()
         if type(decision) is Run:
@@ -464,8 +467,10 @@ class Worker:
             return
         name = headers.get(HEADER_TASK)
         known = name if isinstance(name, str) and name in queue.tasks else None
-        if known is None and len(queue.tasks) == 1 and name is None:
-            known = next(iter(queue.tasks))
+        if known is None and name is None:
+            known = queue.spec.subscriber or (
+                next(iter(queue.tasks)) if len(queue.tasks) == 1 else None
+            )
         context = TaskContext(
             message_id=message_id,
             correlation_id=delivery.correlation_id or message_id,
@@ -666,7 +671,9 @@ class Worker:
                 decision.queue,
                 extra=_context_fields(context),
             )
-            copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
+            copy = retry_copy(
+                _outgoing(delivery, context.message_id, context.task_name), decision.attempt
+            )
             moved = await self._forward(delivery, decision.queue, copy, context)
             if moved and received is not None and self.stack.on_retry:
                 await notify(
@@ -725,7 +732,7 @@ class Worker:
             moved = True
         else:
             copy = dead_letter_copy(
-                _outgoing(delivery, context.message_id),
+                _outgoing(delivery, context.message_id, context.task_name),
                 reason=reason,
                 queue=queue.name,
                 error=error,
@@ -775,7 +782,9 @@ class Worker:
             decision.delay_ms / 1000,
             extra=_context_fields(context),
         )
-        copy = retry_copy(_outgoing(delivery, context.message_id), decision.attempt)
+        copy = retry_copy(
+            _outgoing(delivery, context.message_id, context.task_name), decision.attempt
+        )
         due = now_us(self.broker.clock) + decision.delay_ms * 1000
         moved = await self._delay(queue.name, delivery, copy, context.message_id, due_us=due)
         if moved and received is not None and self.stack.on_retry:
@@ -791,7 +800,9 @@ class Worker:
         self, queue: _Queue, received: Received, postpone: Postpone, delivery: Delivery
     ) -> None:
         context = received.context
-        logger.info(
+        # DEBUG: a postponement is routine (a rate limit holds back every message past it);
+        # the plug-in that postpones says more, once, if it is worth saying.
+        logger.debug(
             "task %s message %s attempt %d postponed by %gs: %s",
             context.task_name,
             context.message_id,
@@ -801,7 +812,7 @@ class Worker:
             extra=_context_fields(context),
         )
         await notify(self.stack.after_handler, received, Outcome(error=postpone))
-        copy = _outgoing(delivery, context.message_id)
+        copy = _outgoing(delivery, context.message_id, context.task_name)
         due = now_us(self.broker.clock) + postpone.delay_ms * 1000
         await self._delay(queue.name, delivery, copy, context.message_id, due_us=due)
 
@@ -893,13 +904,22 @@ class Worker:
         return moved
 
 
-def _outgoing(delivery: Delivery, message_id: str) -> OutgoingMessage:
+def _outgoing(delivery: Delivery, message_id: str, task: str = "") -> OutgoingMessage:
+    """Copy a delivery for publishing again; a copy names the `task` that took it.
+
+    A message that named no task (an event, or a plain publisher's message on a queue with
+    one task) names it from then on: its retries go straight to that task, and its dead
+    letter says whose it was.
+    """
+    headers = {k: v for k, v in delivery.headers.items() if k not in BROKER_HEADERS}
+    if task and HEADER_TASK not in headers:
+        headers[HEADER_TASK] = task
     return OutgoingMessage(
         body=delivery.body,
         message_id=message_id,
         correlation_id=delivery.correlation_id or message_id,
         content_type=delivery.content_type,
-        headers={k: v for k, v in delivery.headers.items() if k not in BROKER_HEADERS},
+        headers=headers,
         timestamp=delivery.timestamp or datetime.now(UTC),
         priority=delivery.priority,
         reply_to=delivery.reply_to,
