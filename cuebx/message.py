@@ -27,6 +27,7 @@ __all__ = [
     "HEADER_ERROR",
     "HEADER_ERROR_TYPE",
     "HEADER_ETA",
+    "HEADER_EVENT",
     "HEADER_FAILED_AT",
     "HEADER_ORIGIN_QUEUE",
     "HEADER_REDELIVERIES",
@@ -70,6 +71,11 @@ HEADER_DELAY_TO = "cuebx-delay-to"
 #: The level of the ladder a delayed message waits in first (the highest 1 of its delay in
 #: binary): the ladder's entry, a headers exchange, routes on it.
 HEADER_DELAY_LEVEL = "cuebx-delay-level"
+
+#: The routing key an event was emitted with (`cuebx.Cuebx.emit`). One event reaches the
+#: queue of every subscriber whose pattern matches, so it names no task: each queue's
+#: subscriber takes it (see `cuebx.policy.admit`).
+HEADER_EVENT = "x-cuebx-event"
 
 #: Times a message was replayed out of a dead-letter queue (``cuebx dlq replay``).
 HEADER_REPLAYED = "x-cuebx-replayed"

@@ -95,13 +95,16 @@ class Publish(msgspec.Struct):
         routing_key: its routing key (the task's queue, for a task).
         message: body and properties. ``message.headers`` is a fresh dict owned by this
             publish: ``before_publish`` hooks may add headers to it (see `headers`).
-        task_name: the task it is for.
+        task_name: the task it is for; ``""`` for an event.
+        event: True for an event (`cuebx.Cuebx.emit`): it goes to the events exchange
+            under `routing_key`, and every subscriber whose pattern matches gets a copy.
     """
 
     exchange: str
     routing_key: str
     message: OutgoingMessage
     task_name: str
+    event: bool = False
 
     @property
     def headers(self) -> dict[str, Any]:
@@ -227,15 +230,21 @@ class Stack:
         if not self.middleware:
             self._index()
 
-    def add(self, middleware: Middleware) -> None:
+    def add(self, middleware: Middleware, *, first: bool = False) -> None:
         """Add `middleware` last: its ``before_*`` hooks run after the others'.
+
+        With `first`, add it before all the others instead: a rate limit decides whether
+        a handler starts at all, before any other plug-in records a start.
 
         Raises:
             TypeError: it is not a `Middleware`.
         """
         if not isinstance(middleware, Middleware):
             raise TypeError(f"{middleware!r} is not a cuebx Middleware: subclass cuebx.Middleware")
-        self.middleware = (*self.middleware, middleware)
+        if first:
+            self.middleware = (middleware, *self.middleware)
+        else:
+            self.middleware = (*self.middleware, middleware)
         self._index()
 
     def _index(self) -> None:

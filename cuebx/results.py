@@ -230,7 +230,8 @@ class Results(Middleware):
         await self.writer.write(write)
 
     async def after_publish(self, publish: Publish, error: BaseException | None) -> None:
-        if error is None and self._tracked(publish.task_name):
+        # An event's id is shared by all its subscribers: there is no one task to track.
+        if error is None and not publish.event and self._tracked(publish.task_name):
             message = publish.message
             await self._write(
                 message.message_id, message.headers, "pending", task=publish.task_name, attempt=0

@@ -88,6 +88,7 @@ def _not_a_channel_restored_too_early(record: logging.LogRecord) -> bool:
 logging.getLogger("aio_pika.tools").addFilter(_not_a_channel_restored_too_early)
 
 _PERSISTENT = 2
+_TRANSIENT = 1
 #: RabbitMQ's pseudo-queue for direct reply-to (no declaration, consumed in no-ack mode).
 _DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 _LOST_CHANNEL = (
@@ -503,6 +504,9 @@ class AmqpBroker:
         self._getter_acks: _Acks | None = None
         # The channel the direct reply-to consumer runs on (the publisher's, at the time).
         self._replies_on: aiormq.abc.AbstractChannel | None = None
+        # The channel of `offer`: its nacks are answers, and must not reopen the publisher's.
+        self._offerer: AbstractRobustChannel | None = None
+        self._offer_lock = anyio.Lock()
 
     # -- connection -------------------------------------------------------------------------
 
@@ -584,6 +588,7 @@ class AmqpBroker:
             connection, self._connection = self._connection, None
             subscriptions, self._subscriptions = list(self._subscriptions), set()
             self._getter = self._getter_acks = None
+            self._offerer = None
             if connection is None:
                 return
             for subscription in subscriptions:
@@ -910,6 +915,62 @@ class AmqpBroker:
         logger.info("a publish was nacked: reopening the publisher channel")
         with anyio.move_on_after(self.connect_timeout), contextlib.suppress(*_LOST_CHANNEL):
             await underlay.close()  # aio-pika's robust channel opens a new one
+
+    async def offer(self, queue: str, message: OutgoingMessage) -> bool:
+        """Publish a transient message to `queue` on the offer channel: False when nacked.
+
+        A full ``reject-publish`` queue nacks; unlike `publish`, that reopens nothing (see
+        `_nacked`): a rate limiter's queue nacks all the time, and the task publishes in
+        flight on the publisher channel would fail with it.
+        """
+        properties = spec.Basic.Properties(
+            delivery_mode=_TRANSIENT,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            headers=dict(message.headers) or None,
+        )
+        target = f"queue {queue!r}"
+        try:
+            underlay = await self._offer_channel()
+            confirm = await underlay.basic_publish(
+                message.body,
+                exchange="",
+                routing_key=queue,
+                properties=properties,
+                mandatory=True,
+                timeout=self.publish_timeout,
+            )
+        except TimeoutError:
+            raise PublishTimeoutError(
+                f"no confirm from {mask_url(self.node_url)} within {self.publish_timeout:g}s "
+                f"for message {message.message_id} to {target}"
+            ) from None
+        except aiormq.exceptions.PublishError:
+            raise UnroutableError(
+                f"message {message.message_id} to {target} was returned: the queue does not "
+                "exist (declare the topology first)"
+            ) from None
+        except aiormq.exceptions.DeliveryError:
+            return False  # nacked: the queue is full
+        except _LOST_CHANNEL as exc:
+            raise PublishError(
+                f"message {message.message_id} to {target} was not confirmed: "
+                f"{exc or type(exc).__name__}"
+            ) from exc
+        return isinstance(confirm, spec.Basic.Ack)
+
+    async def _offer_channel(self) -> aiormq.abc.AbstractChannel:
+        """The aiormq channel under the offer channel, opened on first use."""
+        connection = self._require()
+        async with self._offer_lock:
+            channel = self._offerer
+            if channel is None or channel.is_closed:
+                channel = self._offerer = await connection.channel(
+                    publisher_confirms=True, on_return_raises=True
+                )
+        with anyio.fail_after(self.publish_timeout):
+            await channel.ready()
+        return await channel.get_underlay_channel()
 
     async def publish_many(
         self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int

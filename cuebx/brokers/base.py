@@ -225,6 +225,23 @@ class Broker(Protocol):
             One entry per item, in order: None when confirmed, else the error.
         """
 
+    async def offer(self, queue: str, message: OutgoingMessage) -> bool:
+        """Publish a transient message straight to `queue`; tell whether the queue took it.
+
+        For a queue bounded with ``x-overflow: reject-publish`` (a rate limiter's): the
+        broker nacks a message that finds it full, and that is an answer, False, not an
+        error. On a channel of its own with publisher confirms, so that such nacks never
+        touch the channel task messages are published on. Mandatory, like `publish`.
+
+        Returns:
+            True when confirmed, False when nacked (the queue is full).
+
+        Raises:
+            UnroutableError: the queue does not exist.
+            PublishError: the connection failed.
+            PublishTimeoutError: no answer within the broker's publish timeout.
+        """
+
     async def consume(self, queue: str, prefetch: int, handler: DeliveryHandler) -> Subscription:
         """Start consuming `queue` with at most `prefetch` unsettled deliveries (0: no limit).
 

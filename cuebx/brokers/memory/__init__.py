@@ -9,9 +9,11 @@ deliveries by prefetch, round-robins consumers, orders by ``x-max-priority``, ex
 ``x-dead-letter-routing-key`` (and all of that routing) with an ``x-death`` header, counts
 quorum-queue redeliveries against ``x-delivery-limit``, delivers a ``x-single-active-consumer``
 queue to its first consumer only (the next takes over when it is cancelled or its channel
-closes), drops the oldest ready message past ``x-max-length`` (drop-head), refuses a
-redeclaration with other arguments, and when a channel closes requeues whatever is unacked (its
-running handlers go on; settling their deliveries then does nothing). So a retry ladder runs
+closes), drops the oldest ready message past ``x-max-length`` (drop-head) or nacks the publish
+that finds the queue full (``x-overflow: reject-publish``: `MemoryBroker.offer` answers False,
+``publish`` raises), refuses a redeclaration with other arguments, and when a channel closes
+requeues whatever is unacked (its running handlers go on; settling their deliveries then does
+nothing). So a retry ladder runs
 end to end in a unit test: once the clock passes 30 seconds, the message that waited in
 ``Q.retry.30s`` is back in ``Q``, delivered to the worker, with its ``x-death`` entry.
 
@@ -23,12 +25,12 @@ monotonic clock. The timers run in a task group owned by the broker between `con
 `close`.
 
 Not modelled, on purpose: policies, internal and auto-delete exchanges, per-message
-``expiration``, ``x-max-length-bytes``, ``x-overflow: reject-publish`` (a queue asking for it
-is not bounded, so it never rejects), ``x-expires``, quorum-queue priorities, and the retention
+``expiration``, ``x-max-length-bytes``, ``x-expires``, quorum-queue priorities, and the retention
 of unroutable dead letters by ``x-dead-letter-strategy: at-least-once`` (here a dead letter
 nobody is bound for is dropped, as with the default at-most-once strategy). Publisher confirms
-are always positive: nothing is lost in memory. Each broker object is its own server: two
-``MemoryBroker("memory://same")`` objects share nothing; the name only shows in messages.
+are positive but for a full ``reject-publish`` queue: nothing is lost in memory. Each broker
+object is its own server: two ``MemoryBroker("memory://same")`` objects share nothing; the
+name only shows in messages.
 
 The package, by noun: `clock` (time), `queues` (entries, queues, consumers, deliveries),
 `exchanges` (the matching rules of each exchange type), `host` (the task group handler calls

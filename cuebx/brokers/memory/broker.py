@@ -39,6 +39,10 @@ DeathReason = Literal["expired", "rejected", "delivery_limit", "maxlen"]
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 
 
+class _Nacked(PublishError):
+    """The broker nacked a publish: a queue it was routed to is full (reject-publish)."""
+
+
 class _MemorySubscription:
     """A running consumer of a `MemoryBroker`."""
 
@@ -299,6 +303,20 @@ class MemoryBroker:
                 results.append(None)
         return results
 
+    async def offer(self, queue: str, message: OutgoingMessage) -> bool:
+        """Publish straight to `queue`; False when it is full (``reject-publish``).
+
+        Raises:
+            UnroutableError: the queue does not exist.
+        """
+        await checkpoint()
+        self._require_connected()
+        try:
+            self._publish_now("", queue, message)
+        except _Nacked:
+            return False
+        return True
+
     # -- direct reply-to --------------------------------------------------------------------
 
     async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
@@ -355,10 +373,19 @@ class MemoryBroker:
         # A publish copies the message onto the wire: later changes to the caller's
         # headers dict must not reach the stored copy.
         stored = replace(message, headers=dict(message.headers))
+        self._fire_due()  # what expired by now frees its place in a bounded queue
+        full = [queue.name for queue in targets if queue.full]
         for queue in targets:
-            self._enqueue(queue, stored, exchange, routing_key)
+            if queue.name not in full:
+                self._enqueue(queue, stored, exchange, routing_key)
         self._fire_due()
         self.clock._touched()
+        if full:
+            # RabbitMQ stores it in the other queues and nacks the publish.
+            raise _Nacked(
+                f"message {message.message_id} to {where} was nacked by the broker: queue "
+                f"{full[0]!r} is full (x-max-length with x-overflow reject-publish)"
+            )
 
     def _route(
         self, exchange: str, routing_key: str, headers: Mapping[str, Any]
@@ -397,6 +424,8 @@ class MemoryBroker:
     def _enqueue(
         self, queue: Queue, message: OutgoingMessage, exchange: str, routing_key: str
     ) -> None:
+        if queue.full:
+            return  # a dead letter to a full reject-publish queue is dropped, as by RabbitMQ
         expires = None if queue.ttl_ns is None else self.clock.now_ns() + queue.ttl_ns
         entry = Entry(
             message,
@@ -836,6 +865,7 @@ _VALID: Final[Mapping[str, Callable[[Any], bool]]] = {
     "x-dead-letter-routing-key": lambda v: isinstance(v, str),
     "x-queue-type": lambda v: v in ("classic", "quorum"),
     "x-max-length": _is_count,
+    "x-overflow": lambda v: v in ("drop-head", "reject-publish", "reject-publish-dlx"),
     "x-single-active-consumer": lambda v: isinstance(v, bool),
 }
 

@@ -59,17 +59,22 @@ class Queue:
         # it is cancelled or its channel closes (x-single-active-consumer).
         self.single_active = arguments.get("x-single-active-consumer") is True
         # Ready messages beyond this drop from the head (the default x-overflow, drop-head);
-        # reject-publish is not modelled, so a queue asking for it is not bounded here.
+        # with reject-publish, a publish that finds the queue full is nacked instead.
         overflow = arguments.get("x-overflow", "drop-head")
-        self.max_length: int | None = (
-            arguments.get("x-max-length") if overflow == "drop-head" else None
-        )
+        length = arguments.get("x-max-length")
+        self.max_length: int | None = length if overflow == "drop-head" else None
+        self.reject_at: int | None = length if overflow.startswith("reject-publish") else None
         self.consumers: deque[Consumer] = deque()
         self.ready = 0
         self.deleted = False
         # Highest priority first, then first in first out; entries that left are skipped.
         self._heap: list[tuple[int, int, int, Entry]] = []
         self._pushes = itertools.count()
+
+    @property
+    def full(self) -> bool:
+        """True when a publish would be refused (``x-overflow: reject-publish``)."""
+        return self.reject_at is not None and self.ready >= self.reject_at
 
     def priority_of(self, message: OutgoingMessage) -> int:
         """RabbitMQ treats priorities above ``x-max-priority`` as the maximum."""
