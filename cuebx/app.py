@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar, overload
 
@@ -19,7 +19,9 @@ from cuebx.context import TaskContext
 from cuebx.delays import Delays, Ladder
 from cuebx.durations import Duration
 from cuebx.errors import ConfigurationError, DuplicateTaskError, StoreError
+from cuebx.events import AsyncSubscriber, Emitted, Events, Subscriber, check_pattern
 from cuebx.idempotency import Idempotency
+from cuebx.limits import Limiter, Limits
 from cuebx.middleware import Middleware, Stack
 from cuebx.ops.dlq import DeadLetters
 from cuebx.policy import RetrySpec
@@ -193,6 +195,10 @@ class Cuebx:
             source=self.results,
             delays=self.delays,
         )
+        #: Events: the subscribers' exchange and bindings, and what `emit` publishes through.
+        self.events = Events(self.settings, self.publisher)
+        #: Rate limits (`cuebx.limits`): installed with the first limiter or limited task.
+        self.limits: Limits | None = None
         self._topology: Topology | None = None
         self._broker: Broker | None = broker
         self._connected = False
@@ -233,6 +239,8 @@ class Cuebx:
         track: bool = True,
         idempotent: bool = False,
         idempotency_key: Callable[..., str] | None = None,
+        rate_limit: str | Limiter | None = None,
+        concurrency: int | None = None,
     ) -> TaskDecorator: ...
     def task(self, *args: Any, **options: Any) -> Any:
         """Register a function as a task: ``@app.task`` or ``@app.task(queue=..., ...)``.
@@ -253,6 +261,12 @@ class Cuebx:
             idempotent: run it at most once per message id (needs a store).
             idempotency_key: run it at most once per key, a function of its arguments
                 returning a string (needs a store).
+            rate_limit: at most this many starts per window across all workers: a rate
+                (``"100/s"``, ``"10/m"``, ``"5/10s"``) or a limiter made with `limiter`
+                (or its name). A message held back waits on the broker and spends no
+                attempt (see `cuebx.limits`).
+            concurrency: at most this many handlers of the queue at once across all
+                workers: the queue gets a single active consumer with this prefetch.
 
         Raises:
             DuplicateTaskError: a task with that name exists.
@@ -267,7 +281,12 @@ class Cuebx:
         return TaskDecorator(self, options)
 
     def _register(
-        self, fn: Callable[..., Any], *, name: str | None = None, **options: Any
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str | None = None,
+        subscribes: tuple[str, ...] = (),
+        **options: Any,
     ) -> Task[Any, Any]:
         task_name = name or getattr(fn, "__name__", None)
         if not task_name:
@@ -284,20 +303,164 @@ class Cuebx:
                 f"task {task_name!r}: unknown option(s) {', '.join(unknown)}; "
                 f"options are: name, {', '.join(sorted(TASK_OPTIONS))}"
             )
-        kind = AsyncTask if inspect.iscoroutinefunction(fn) else Task
-        task: Task[Any, Any] = kind(
-            self.publisher, fn, TaskOptions.build(name=task_name, **options)
+        is_async = inspect.iscoroutinefunction(fn)
+        if subscribes:
+            kind: type[Task[Any, Any]] = AsyncSubscriber if is_async else Subscriber
+            options.setdefault("queue", task_name)  # each subscriber: a queue of its own
+        else:
+            kind = AsyncTask if is_async else Task
+        task = kind(
+            self.publisher, fn, TaskOptions.build(name=task_name, subscribes=subscribes, **options)
         )
         if task.options.idempotent and self.store is None:
             raise ConfigurationError(
                 f"task {task_name!r}: idempotent= and idempotency_key= need a store to "
                 "remember keys in: Cuebx(url, store='redis://...' or 'postgresql://...')"
             )
+        limiter = None
+        if task.options.rate_limit is not None:
+            limiter = self._limits().resolve(task)
         # Check the topology with this task before keeping it, so a clash names this task.
         self._plan([*self.tasks.values(), task])
         self.tasks[task_name] = task
+        if limiter is not None:
+            self._limits().bind(task, limiter)
         self._topology = None
         return task
+
+    # -- events (cuebx.events) --------------------------------------------------------------
+
+    def on(
+        self,
+        *patterns: str,
+        queue: str | None = None,
+        name: str | None = None,
+        retries: RetrySpec = None,
+        dead_letter: bool | str = True,
+        prefetch: int | None = None,
+        timeout: Duration | None = None,
+        priority: int | None = None,
+        queue_type: QueueType | None = None,
+        retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        dont_retry_on: type[BaseException] | Sequence[type[BaseException]] | None = None,
+        idempotent: bool = False,
+        idempotency_key: Callable[..., str] | None = None,
+        rate_limit: str | Limiter | None = None,
+        concurrency: int | None = None,
+    ) -> TaskDecorator:
+        """Subscribe a handler to events: ``@app.on("order.created", queue="inventory")``.
+
+        Every event emitted (`emit`) with a routing key one of `patterns` matches reaches
+        the subscriber's queue once; every subscriber has a queue of its own, so each gets
+        its own copy, retries and dead letters. A pattern's words are separated by dots;
+        ``*`` stands for exactly one word, ``#`` for zero or more (``"order.*"``,
+        ``"order.#"``, ``"#"``). The handler takes one parameter, the payload, validated
+        against its annotation (fields it does not declare are ignored), and may take a
+        `TaskContext` first; ``context.headers["x-cuebx-event"]`` is the routing key.
+
+        The other keywords are those of `task`; the queue defaults to the subscriber's
+        name. A subscriber is not tracked in the store: the event's id is shared by all
+        its subscribers.
+
+        Raises:
+            ConfigurationError: no pattern or a bad one, another subscriber on the queue, a
+                handler with more than one parameter, or a bad option.
+            DuplicateTaskError: a task with that name exists.
+        """
+        if not patterns:
+            raise ConfigurationError(
+                "app.on() needs at least one routing pattern: @app.on('order.created', ...)"
+            )
+        where = f"subscriber {name!r}" if name else "app.on()"
+        checked = tuple(dict.fromkeys(check_pattern(p, where) for p in patterns))
+        options: dict[str, Any] = {
+            "subscribes": checked,
+            "name": name,
+            "retries": retries,
+            "dead_letter": dead_letter,
+            "prefetch": prefetch,
+            "timeout": timeout,
+            "priority": priority,
+            "queue_type": queue_type,
+            "retry_on": retry_on,
+            "dont_retry_on": dont_retry_on,
+            "idempotent": idempotent,
+            "idempotency_key": idempotency_key,
+            "rate_limit": rate_limit,
+            "concurrency": concurrency,
+            "track": False,
+        }
+        if queue is not None:
+            options["queue"] = queue
+        return TaskDecorator(self, options)
+
+    async def emit(
+        self,
+        routing_key: str,
+        payload: Any = None,
+        *,
+        mandatory: bool = False,
+        headers: Mapping[str, Any] | None = None,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        priority: int | None = None,
+    ) -> Emitted:
+        """Publish an event to every subscriber whose pattern matches `routing_key`.
+
+        The payload (a msgspec Struct, a dataclass, a pydantic model or plain values) is
+        encoded as the message body and published, confirmed, to the topic exchange
+        ``<exchange>.events``. Middleware sees it as a publish (``Publish.event`` is True).
+
+        Args:
+            routing_key: the event's name, words separated by dots: ``"order.created"``.
+            payload: the event's data; each subscriber validates it against its own
+                annotation.
+            mandatory: raise `UnroutableError` when no subscriber is bound for it; by
+                default it is logged, counted (`Events.unrouted`) and kept in the queue
+                ``<exchange>.events.unrouted``.
+            headers: extra headers, seen by subscribers in ``TaskContext.headers``.
+            message_id: the message id (your own idempotency key, say); a new one by default.
+            correlation_id: the correlation id; the message id by default.
+            priority: the message priority (needs ``Cuebx(max_priority=N)``).
+
+        Returns:
+            The message id and whether a subscriber's queue took it.
+
+        Raises:
+            ArgumentsError: a routing key with a wildcard or an empty word, a payload that
+                does not encode or is too large.
+            UnroutableError: `mandatory` and no subscriber is bound for it.
+            PublishError: the broker did not confirm it.
+        """
+        return await self.events.emit(
+            routing_key,
+            payload,
+            mandatory=mandatory,
+            headers=headers,
+            message_id=message_id,
+            correlation_id=correlation_id,
+            priority=priority,
+        )
+
+    # -- rate limits (cuebx.limits) ---------------------------------------------------------
+
+    def limiter(self, name: str, rate: str) -> Limiter:
+        """Make a rate limit several tasks share: ``rate_limit="stripe"`` or the object.
+
+        ``app.limiter("stripe", "100/s")``: at most 100 starts per second of all the tasks
+        that name it together, across every worker. Make it before those tasks.
+
+        Raises:
+            ConfigurationError: a bad name or rate, or the name exists with another rate.
+        """
+        return self._limits().add(name, rate)
+
+    def _limits(self) -> Limits:
+        if self.limits is None:
+            self.limits = Limits(self.settings.exchange)
+            # First in line: a message held back by its limit reaches no other plug-in.
+            self.middleware.add(self.limits, first=True)
+        return self.limits
 
     # -- periodic tasks (cuebx.scheduling) --------------------------------------------------
 
@@ -409,13 +572,18 @@ class Cuebx:
 
     def _plan(self, tasks: Iterable[Task[Any, Any]]) -> Topology:
         s = self.settings
-        return plan(
+        tasks = list(tasks)
+        topology = plan(
             (t.options.route() for t in tasks),
             exchange=s.exchange,
             queue_type=s.queue_type,
             delivery_limit=s.delivery_limit,
             max_priority=s.max_priority,
         )
+        topology = self.events.extend(topology, tasks)
+        if self.limits is not None:
+            topology = self.limits.extend(topology, tasks)
+        return topology
 
     def topology(self) -> Topology:
         """The exchange and queues the registered tasks need (no broker involved)."""
