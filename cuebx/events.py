@@ -268,11 +268,18 @@ class Events:
 
     # -- topology ---------------------------------------------------------------------------
 
-    def _base(self) -> tuple[ExchangeSpec, QueueSpec]:
-        arguments = {"x-max-length": UNROUTED_LIMIT}  # drop-head: the newest are kept
-        return (
-            ExchangeSpec(self.exchange, "topic"),
-            QueueSpec(self.unrouted_queue, "events", arguments),
+    def topology(self) -> Topology:
+        """The events exchange and the unrouted queue, without any subscriber's binding.
+
+        What `emit` declares; the unrouted queue keeps the newest `UNROUTED_LIMIT` events
+        (``x-max-length``, dropping from the head). It is a classic queue whatever the
+        app's queue type, so that apps of both types can emit on one exchange.
+        """
+        arguments = {"x-max-length": UNROUTED_LIMIT}
+        return Topology(
+            self.settings.exchange,
+            (QueueSpec(self.unrouted_queue, "events", arguments),),
+            exchanges=(ExchangeSpec(self.exchange, "topic"),),
         )
 
     def extend(self, topology: Topology, tasks: Iterable[Task[Any, Any]]) -> Topology:
@@ -288,8 +295,8 @@ class Events:
         ]
         if not bindings:
             return topology
-        exchange, queue = self._base()
-        return topology.extend(queues=(queue,), exchanges=(exchange,), bindings=bindings)
+        base = self.topology()
+        return topology.extend(queues=base.queues, exchanges=base.exchanges, bindings=bindings)
 
     async def declare(self, broker: Broker) -> None:
         """Declare the events exchange and the unrouted queue on `broker`, once.
@@ -301,10 +308,7 @@ class Events:
             return
         async with self._lock:
             if broker is not self._declared_on:
-                exchange, queue = self._base()
-                await broker.declare(
-                    Topology(self.settings.exchange, (queue,), exchanges=(exchange,))
-                )
+                await broker.declare(self.topology())
                 self._declared_on = broker
 
     # -- emitting ---------------------------------------------------------------------------

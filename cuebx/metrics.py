@@ -14,7 +14,7 @@ counters):
 
 | metric | type | labels |
 | --- | --- | --- |
-| ``cuebx_tasks_total`` | counter | queue, task, outcome (succeeded, failed, skipped, interrupted) |
+| ``cuebx_tasks_total`` | counter | queue, task, outcome (see below) |
 | ``cuebx_task_duration_seconds`` | histogram | queue, task |
 | ``cuebx_task_queue_wait_seconds`` | histogram | queue, task |
 | ``cuebx_tasks_in_progress`` | gauge | queue, task |
@@ -24,6 +24,9 @@ counters):
 | ``cuebx_published_total`` | counter | queue, task, result (confirmed, failed) |
 | ``cuebx_queue_messages_ready`` | gauge | queue, role |
 | ``cuebx_queue_consumers`` | gauge | queue, role |
+
+A handler run's outcome is ``succeeded``, ``failed``, ``skipped``, ``postponed`` (held back
+by a `Postpone`, a rate limit's denial say: it comes back later) or ``interrupted``.
 
 The queue wait is measured from the message's timestamp (its publish) to the handler's
 start, on first attempts only: a retry or a replay keeps the first publish's timestamp, so
@@ -59,7 +62,7 @@ from anyio.lowlevel import checkpoint
 
 from cuebx.brokers.base import Broker
 from cuebx.message import DeadLetterReason
-from cuebx.middleware import Middleware, Outcome, Publish, Received, Skip
+from cuebx.middleware import Middleware, Outcome, Postpone, Publish, Received, Skip
 from cuebx.ops.health import worker_health
 from cuebx.ops.http import Response, Route, health_routes, probe_routes
 from cuebx.supervisor import Supervisor
@@ -245,17 +248,19 @@ class PrometheusMetrics(Middleware):
 
     async def after_handler(self, received: Received, outcome: Outcome) -> None:
         series = received.state.pop(_STARTED, None)
+        error = outcome.error
+        # A Postpone (a rate limit's denial, say) is no run: it comes back later.
+        held = "postponed" if isinstance(error, Postpone) else "skipped"
         if series is None:
-            # Another middleware's Skip kept ours from running before the handler.
+            # Another middleware's Skip or Postpone kept ours from running before the handler.
             context = received.context
-            self._for(context.queue, context.task_name).ended("skipped")
+            self._for(context.queue, context.task_name).ended(held)
             return
         series.in_progress.dec()
-        error = outcome.error
         if error is None:
             series.ended("succeeded")
-        elif isinstance(error, Skip):
-            series.ended("skipped")
+        elif isinstance(error, Skip | Postpone):
+            series.ended(held)
             return
         elif isinstance(error, anyio.get_cancelled_exc_class()):
             series.ended("interrupted")

@@ -143,7 +143,10 @@ async def _quiet(app: Cuebx, caller: str, seconds: float, *, follow_ttls: bool) 
             if follow_ttls and app.delays.declared_on(broker):
                 # The levels of the delay ladder, shared with every app on the exchange.
                 queues += app.delays.topology().queues
-            names = [q.name for q in queues if q.role not in ("dead-letter", "unroutable")]
+            # Queues nobody consumes: dead letters, unroutable messages and events, and the
+            # permits of rate limiters (they leave by their TTL, and mean nothing to wait on).
+            idle = ("dead-letter", "unroutable", "events", "limit")
+            names = [q.name for q in queues if q.role not in idle]
             await _drain_waiting(broker, workers, names)
 
 

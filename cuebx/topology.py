@@ -228,8 +228,9 @@ def plan(
     for name, group in merged.items():
         qtype = _agree(name, group, "queue_type", default=queue_type)
         dead_letter = _agree(name, group, "dead_letter", default=True)
-        prefetch = _agree(name, group, "prefetch", default=None)
+        # Concurrency first: it sets the prefetch too, and a clash should name what was set.
         concurrency = _agree(name, group, "concurrency", default=None)
+        prefetch = _agree(name, group, "prefetch", default=None)
         subscriber = _subscriber(name, group)
         delays = sorted({ms for r in group for ms in r.retry_delays_ms})
         dlq = dead_letter_queue_name(name, dead_letter)

@@ -187,6 +187,14 @@ def migration(difference: QueueDifference) -> tuple[str, ...]:
     if difference.state != "different":
         return ()
     q = difference.name
+    if difference.role == "limit":
+        return (
+            f"{q} is a rate limiter's queue and holds only permits, which expire within one "
+            f"window: delete it (rabbitmqctl delete_queue {q}) and deploy. Until the new "
+            "version declares it, limited handlers are held back (a permit cannot be "
+            "asked for), never run past the limit; the workers of the old version declare "
+            "it again with their rate, so stop them first.",
+        )
     if not difference.ready and not difference.consumers:
         return (
             f"{q} is empty and nothing consumes it: delete it (rabbitmqctl delete_queue {q}) "

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from prometheus_client import CollectorRegistry
 
-from cuebx import Outcome, Publish, Received, Skip, TaskContext
+from cuebx import Outcome, Postpone, Publish, Received, Skip, TaskContext
 from cuebx.brokers.memory import MemoryBroker
 from cuebx.errors import PublishError
 from cuebx.message import OutgoingMessage
@@ -56,6 +56,11 @@ async def test_metrics_tell_skipped_interrupted_and_refused_apart() -> None:
     await metrics.before_handler(interrupted)
     await metrics.after_handler(interrupted, Outcome(error=anyio.get_cancelled_exc_class()()))
     assert (count("skipped"), count("interrupted")) == (2, 1)
+    await metrics.after_handler(_received(), Outcome(error=Postpone(1, "rate limit")))
+    postponed = _received()
+    await metrics.before_handler(postponed)
+    await metrics.after_handler(postponed, Outcome(error=Postpone(1, "after ours ran")))
+    assert (count("postponed"), count("skipped"), count("failed")) == (2, 2, 0)
 
     refused = _publish()
     await metrics.before_publish(refused)
