@@ -27,7 +27,9 @@ from cuebx.errors import (
     TopologyError,
     UnroutableError,
 )
+from cuebx.events import Emitted
 from cuebx.idempotency import Idempotency
+from cuebx.limits import Limiter
 from cuebx.middleware import Middleware, Outcome, Postpone, Publish, Received, Skip
 from cuebx.settings import Settings
 from cuebx.status import TaskState, TaskStatus
@@ -50,7 +52,9 @@ __all__ = [
     "CuebxError",
     "DelayError",
     "DuplicateTaskError",
+    "Emitted",
     "Idempotency",
+    "Limiter",
     "Middleware",
     "Outcome",
     "Postpone",

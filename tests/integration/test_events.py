@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -289,3 +292,21 @@ async def test_a_subscriber_shares_its_queue_with_tasks_and_rejects_alone(
     assert sorted(ran) == ["chore 1", "react -1", "react 2", "react 3"]
     [dead] = await dead_letters(app, queue)
     assert (dead.reason, dead.headers[HEADER_TASK]) == ("rejected", "react")
+
+
+def test_the_events_example_runs_on_its_own_and_each_subscriber_gets_its_copy() -> None:
+    examples = Path(__file__).parents[2] / "examples"
+    result = subprocess.run(
+        [sys.executable, "events.py"], cwd=examples, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.splitlines()) == [
+        "analytics: order.cancelled 1000 (0.00)",
+        "analytics: order.created 1001 (59.90)",
+        "email: confirmation for order 1001 sent (attempt 1)",
+        "inventory: reserved tea, cups for order 1001",
+        "shipping: label printed for order 1001",
+        "unrouted: 1 (kept: True)",
+    ]
+    assert "retrying through email.retry.30s" in result.stderr
+    assert "event 'user.deleted'" in result.stderr

@@ -7,8 +7,12 @@ fifty starts at five a second need. Times are read from the broker's clock.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -211,3 +215,19 @@ async def test_a_queue_that_gains_concurrency_or_a_limiter_another_rate_is_a_cle
     [limit] = [q for q in found.queues if q.role == "limit"]
     assert [d.argument for d in limit.differences] == ["x-max-length"]
     assert any("only permits" in step for step in migration(limit))
+
+
+def test_the_rate_limits_example_never_starts_more_than_its_limits_in_a_second() -> None:
+    examples = Path(__file__).parents[2] / "examples"
+    result = subprocess.run(
+        [sys.executable, "rate_limits.py"], cwd=examples, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    seconds = [
+        [int(n) for n in re.findall(r"\d+", line)[1:]] for line in result.stdout.splitlines()
+    ]
+    assert len(seconds) == 4
+    for stripe, charges, refunds, geocodes in seconds:
+        assert stripe == charges + refunds <= 5
+        assert geocodes <= 2
+    assert [sum(column) for column in zip(*seconds, strict=True)][1:] == [12, 3, 4]
