@@ -457,7 +457,7 @@ class Cuebx:
 
     def _limits(self) -> Limits:
         if self.limits is None:
-            self.limits = Limits(self.settings.exchange)
+            self.limits = Limits(self.settings.exchange, lambda: self.broker)
             # First in line: a message held back by its limit reaches no other plug-in.
             self.middleware.add(self.limits, first=True)
         return self.limits

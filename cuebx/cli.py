@@ -463,6 +463,15 @@ def topology(context: click.Context, app_path: str | None) -> None:
     if not console.is_terminal:
         console = Console(width=240)
     console.print(table)
+    if plan.bindings:  # other exchanges' bindings: the subscribers' patterns, say
+        bindings = Table(title="other exchanges and their bindings")
+        for column in ("exchange", "type", "routing key", "to"):
+            bindings.add_column(column, overflow="fold")
+        kinds = {e.name: e.type for e in plan.exchanges}
+        for b in plan.bindings:
+            to = b.destination if b.destination_type == "queue" else f"exchange {b.destination}"
+            bindings.add_row(b.source, kinds.get(b.source, "?"), b.routing_key or "-", to)
+        console.print(bindings)
 
 
 main.add_command(commands.dlq)

@@ -24,10 +24,10 @@ holds its place when a later one in the same window is asked for), whatever the 
 workers: no seeding, no leader, nothing to clean up when a worker dies (its permits expire).
 
 Precision: the window is kept by the broker's clock. A handler starts after its permit's
-confirm comes back, a few milliseconds after the broker counted it, and those few
-milliseconds vary, so handler start times seen by workers can show one start more than N
-in a window counted at their end. A broker restart forgets the permits (they are
-transient): up to N more starts in the window after it.
+confirm comes back, a millisecond or more after the broker counted it, and that lag varies
+with the worker's load, so handler start times read in the workers can show a few more
+than N in a window (the broker's N, seen through different lags). A broker restart forgets
+the permits (they are transient): up to N more starts in the window after it.
 
 Bursts: with a backlog, N handlers start as soon as a window's permits expire, then none
 until the next; ``"10/100ms"`` spreads the same rate more evenly than ``"100/s"``.
@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import random
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -57,7 +57,7 @@ from cuebx.context import TaskContext
 from cuebx.durations import label, to_ms
 from cuebx.errors import BrokerError, ConfigurationError, TopologyError, UnroutableError
 from cuebx.message import HEADER_TASK, OutgoingMessage
-from cuebx.middleware import Middleware, Postpone, Received, WorkerView
+from cuebx.middleware import Middleware, Postpone, Received
 from cuebx.task import Task
 from cuebx.topology import QueueSpec, Topology
 
@@ -171,17 +171,19 @@ class Limits(Middleware):
 
     Args:
         exchange: the app's exchange; limiter queues are named after it.
+        broker: the app's broker (looked up at each permit, so that a task registered
+            after its worker started is limited too).
     """
 
-    def __init__(self, exchange: str) -> None:
+    def __init__(self, exchange: str, broker: Callable[[], Broker]) -> None:
         self.exchange = exchange
+        self.broker = broker
         #: The limiters made with `add` (``app.limiter``), by name.
         self.limiters: dict[str, Limiter] = {}
         #: The limiter of each limited task, by task name.
         self.tasks: dict[str, Limiter] = {}
         #: Permits granted and denied by this process, per limiter name.
         self.counts: dict[str, _Counts] = {}
-        self._broker: Broker | None = None
         self._random = random.Random()
 
     # -- registration -----------------------------------------------------------------------
@@ -272,9 +274,6 @@ class Limits(Middleware):
 
     # -- permits ----------------------------------------------------------------------------
 
-    async def on_worker_start(self, worker: WorkerView) -> None:
-        self._broker = worker.broker
-
     async def before_handler(self, received: Received) -> None:
         """Ask the task's limiter for a permit; `Postpone` the message when it is full.
 
@@ -301,9 +300,7 @@ class Limits(Middleware):
         A limiter queue deleted under a running app is declared again. Should the broker
         fail, the answer is no: a message is never run past a limit nobody could check.
         """
-        broker = self._broker
-        if broker is None:
-            raise RuntimeError("Limits.before_handler ran before on_worker_start")
+        broker = self.broker()
         permit = OutgoingMessage(
             body=b"",
             message_id=context.message_id,

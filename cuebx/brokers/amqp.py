@@ -506,6 +506,7 @@ class AmqpBroker:
         self._replies_on: aiormq.abc.AbstractChannel | None = None
         # The channel of `offer`: its nacks are answers, and must not reopen the publisher's.
         self._offerer: AbstractRobustChannel | None = None
+        self._offer_underlay: aiormq.abc.AbstractChannel | None = None
         self._offer_lock = anyio.Lock()
 
     # -- connection -------------------------------------------------------------------------
@@ -588,7 +589,7 @@ class AmqpBroker:
             connection, self._connection = self._connection, None
             subscriptions, self._subscriptions = list(self._subscriptions), set()
             self._getter = self._getter_acks = None
-            self._offerer = None
+            self._offerer = self._offer_underlay = None
             if connection is None:
                 return
             for subscription in subscriptions:
@@ -931,7 +932,9 @@ class AmqpBroker:
         )
         target = f"queue {queue!r}"
         try:
-            underlay = await self._offer_channel()
+            underlay = self._offer_underlay
+            if underlay is None or underlay.is_closed:
+                underlay = await self._offer_channel()
             confirm = await underlay.basic_publish(
                 message.body,
                 exchange="",
@@ -960,7 +963,8 @@ class AmqpBroker:
         return isinstance(confirm, spec.Basic.Ack)
 
     async def _offer_channel(self) -> aiormq.abc.AbstractChannel:
-        """The aiormq channel under the offer channel, opened on first use."""
+        """The aiormq channel under the offer channel: opened on first use, and fetched
+        again after aio-pika reopened it (a reconnection)."""
         connection = self._require()
         async with self._offer_lock:
             channel = self._offerer
@@ -970,7 +974,8 @@ class AmqpBroker:
                 )
         with anyio.fail_after(self.publish_timeout):
             await channel.ready()
-        return await channel.get_underlay_channel()
+        underlay = self._offer_underlay = await channel.get_underlay_channel()
+        return underlay
 
     async def publish_many(
         self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int

@@ -8,8 +8,10 @@ from typing import Any
 import msgspec
 import pydantic
 import pytest
+from click.testing import CliRunner
 
 from cuebx import ArgumentsError, ConfigurationError, Cuebx, TaskContext
+from cuebx.cli import main
 from cuebx.events import Subscriber, check_pattern, check_routing_key
 from cuebx.message import HEADER_ATTEMPT, HEADER_EVENT, codec_for
 from cuebx.policy import DeadLetter, Run, admit
@@ -289,3 +291,10 @@ def test_an_event_that_cannot_be_emitted_is_refused_before_publishing(
     app = Cuebx("memory://", max_message_size=1000)
     with pytest.raises(ArgumentsError, match=complaint):
         app.events.message(key, payload, **options)
+
+
+def test_cuebx_topology_prints_the_subscribers_bindings() -> None:
+    result = CliRunner().invoke(main, ["topology", "-A", "tests.unit.test_events:selection"])
+    assert result.exit_code == 0, result.output
+    [row] = [line for line in result.output.splitlines() if "thing.done" in line]
+    assert row.replace("│", " ").split() == ["cuebx.events", "topic", "thing.done", "mixed"]

@@ -233,8 +233,6 @@ async def test_the_limiter_postpones_a_denied_start_and_holds_back_when_it_canno
     limits = app.limits
     assert limits is not None
     await app.connect()
-    worker = app.worker()
-    await limits.on_worker_start(worker)
     received = Received(call.local_context(), call, None)
     await limits.before_handler(received)
     with pytest.raises(Postpone) as denied:
