@@ -22,6 +22,7 @@ from cuebx import Cuebx, TaskContext, TopologyConflictError
 from cuebx.brokers.memory import MemoryBroker
 from cuebx.message import OutgoingMessage
 from cuebx.ops.diff import diff_topology, migration
+from cuebx.testing import settle
 from cuebx.topology import ExchangeSpec, Topology
 from tests.conftest import AppFactory, wait_for
 
@@ -84,7 +85,8 @@ async def test_a_rate_limit_holds_in_every_window_across_two_workers_and_spends_
         await app.start_consumers()
     await tasks[0].map([(n,) for n in range(50)])
     await wait_for(lambda: len(runs) >= 50, timeout=40, what="fifty rate-limited runs")
-    await anyio.sleep(0.2)  # nothing runs twice
+    for app in apps:
+        await settle(app)  # nothing left to run twice
 
     assert sorted(n for n, _, _ in runs) == list(range(50))
     assert {attempt for _, attempt, _ in runs} == {0}  # a denial spends no attempt
