@@ -166,3 +166,4 @@ async def test_a_nacked_publish_raises_and_the_next_one_goes_through_a_new_chann
     with anyio.fail_after(10):
         await ok.delay()
     assert await amqp.count(f"{prefix}.ok") == 1
+    await amqp.channel.queue_delete(full)
