@@ -204,3 +204,26 @@ async def test_a_long_handler_keeps_its_key_by_renewing_the_lease(
     await worker.stop()
     assert runs == [1]  # the lease never ended while the first one ran
     assert lease.held == {}
+
+
+async def test_a_handler_finishing_during_a_graceful_stop_keeps_its_key(
+    make_rabbit_app: AppFactory, prefix: str
+) -> None:
+    lease = Idempotency(lease="300ms")
+    app = make_rabbit_app(store="memory://", middleware=[lease])
+    running_now = anyio.Event()
+
+    @app.task(queue=f"{prefix}.q", idempotency_key=lambda n: f"n:{n}")
+    async def long(n: int) -> None:
+        running_now.set()
+        await anyio.sleep(1.2)  # four leases long, most of it after the stop began
+
+    worker = await app.start_consumers()
+    await long.delay(1)
+    await running_now.wait()
+    worker.request_stop()  # a deploy: SIGTERM, running handlers drain
+    await anyio.sleep(0.8)  # well past one lease: only renewals keep the key
+    assert lease.store is not None
+    state, _ = await lease.store.acquire("n:1", "another-worker", 300)
+    await worker.stop()
+    assert state == "held"
