@@ -147,9 +147,17 @@ class _Acks:
                 self._batch, self._pending = None, []
                 try:
                     await self._send(pending)
-                except Exception as exc:
-                    batch.set_exception(exc)
+                except BaseException as exc:
+                    # Every caller waits on this batch: it must end, whatever ended the send.
+                    # aiormq fails a frame of a connection it closed (a missed heartbeat)
+                    # with the reader's CancelledError: that is a lost channel, not a
+                    # cancellation of this task.
+                    cancelled = _cancelling()
+                    lost = exc if isinstance(exc, Exception) or cancelled else None
+                    batch.set_exception(lost or ConnectionError(f"channel lost: {exc!r}"))
                     batch.exception()  # retrieved here: the acks' callers may all be gone
+                    if cancelled:
+                        raise
                 else:
                     batch.set_result(None)
         finally:
@@ -824,6 +832,15 @@ class AmqpBroker:
                 f"message {message.message_id} to {_target(exchange, routing_key)} was not "
                 f"confirmed: {exc or type(exc).__name__}"
             ) from exc
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            # Not a cancellation of this publish: aiormq fails the frames of a connection it
+            # closed (a missed heartbeat) with its reader's CancelledError.
+            raise PublishError(
+                f"message {message.message_id} to {_target(exchange, routing_key)} was not "
+                "confirmed: the connection was lost"
+            ) from None
         if not isinstance(confirm, spec.Basic.Ack):
             await self._nacked(underlay)
             raise PublishError(
@@ -888,6 +905,12 @@ class AmqpBroker:
             ) from None
         except _LOST_CHANNEL as exc:
             raise PublishError(f"the reply to {reply_to!r} was not confirmed: {exc}") from exc
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            raise PublishError(
+                f"the reply to {reply_to!r} was not confirmed: the connection was lost"
+            ) from None
         if not isinstance(confirm, spec.Basic.Ack):
             raise PublishError(f"the reply to {reply_to!r} was nacked by the broker")
 
@@ -1134,6 +1157,13 @@ def _value_like(text: str, ours: Any) -> Any:
     except ValueError:
         pass
     return text
+
+
+def _cancelling() -> bool:
+    """True when the running task itself is being cancelled (not a CancelledError that
+    aiormq passed on from a connection it closed)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _reply_text(exc: BaseException) -> str:
