@@ -183,6 +183,7 @@ class Worker:
         self._consumers_cancelled = False
         # True from the moment every consumer is registered until the stop begins.
         self._consuming = False
+        self._subscriptions: list[Subscription] = []
         # While a classic queue's redelivered message is re-published with its count, no
         # handler starts: see `_count_redelivery`.
         self._recounting = 0
@@ -242,7 +243,11 @@ class Worker:
     @property
     def consuming(self) -> bool:
         """True once every consumer is registered, until a stop begins (health checks)."""
-        return self._consuming and not self._stopping.is_set()
+        return (
+            self._consuming
+            and not self._stopping.is_set()
+            and all(s.consuming for s in self._subscriptions)
+        )
 
     def request_stop(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
@@ -293,6 +298,7 @@ class Worker:
         close the channels. Cancelling `run` itself is an immediate stop.
         """
         subscriptions: list[Subscription] = []
+        self._subscriptions = subscriptions
         await notify(self.stack.on_worker_start, self)
         try:
             for queue in self.queues:

@@ -288,6 +288,8 @@ class _Subscription:
         self.cancel_timeout = cancel_timeout
         self.consumer_tag: str | None = None
         self.active = True
+        # The broker has this consumer registered (False once it cancelled it).
+        self._registered = False
         self._context = contextvars.copy_context()
         self._running: set[asyncio.Task[None]] = set()
         self._acks: _Acks | None = None
@@ -317,8 +319,14 @@ class _Subscription:
                 extra=delivery.log_extra(),
             )
 
+    @property
+    def consuming(self) -> bool:
+        """True while RabbitMQ delivers to this consumer (see `Subscription.consuming`)."""
+        return self.active and self._registered
+
     def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
         if frame.consumer_tag == self.consumer_tag and self.active:
+            self._registered = False
             logger.error(
                 "RabbitMQ cancelled the consumer of queue %r (was the queue deleted?): no "
                 "more messages come from it until its channel is reopened or the worker "
@@ -329,8 +337,10 @@ class _Subscription:
     async def start(self) -> None:
         underlay = await self.channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        self._registered = False
         ok = await underlay.basic_consume(self.queue, self._on_message, no_ack=False)
         self.consumer_tag = ok.consumer_tag
+        self._registered = True
 
     async def begin(self) -> None:
         """Consume for the first time; from then on, again whenever the channel reopens."""
