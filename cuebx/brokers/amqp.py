@@ -514,6 +514,8 @@ class AmqpBroker:
         self._publisher: AbstractRobustChannel | None = None
         self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
         self._publisher_reopen_after = 0.0
+        # Publisher channels replaced after a nack, closed once their confirms are in.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._subscriptions: set[_Subscription] = set()
         self._lock = anyio.Lock()
         # The channel of `get`, with the acks of what it fetched.
@@ -602,6 +604,8 @@ class AmqpBroker:
             connection, self._connection = self._connection, None
             subscriptions, self._subscriptions = list(self._subscriptions), set()
             self._getter = self._getter_acks = None
+            for retire in self._retiring:
+                retire.cancel()
             if connection is None:
                 return
             for subscription in subscriptions:
@@ -925,24 +929,39 @@ class AmqpBroker:
             raise PublishError(f"the reply to {reply_to!r} was nacked by the broker")
 
     async def _nacked(self, underlay: aiormq.abc.AbstractChannel | None) -> None:
-        """Reopen the publisher channel after a nack, at most once a second.
+        """Publish on a fresh channel after a nack, at most once a second.
 
         A channel whose first publish to a quorum queue reaches RabbitMQ while the queue
         elects a new leader (its node was lost) can go on nacking every later publish to
         that queue, while a channel opened after the election publishes normally (seen on
-        RabbitMQ 3.10). A fresh channel gets past it; a queue that nacks for another reason
-        (``reject-publish`` at its length limit) costs one new channel a second.
+        RabbitMQ 3.10). New publishes go to a new channel at once; the old one is closed
+        only after the publish timeout, so the confirms it still waits for, and the replies
+        of calls made on it, arrive instead of failing with it.
         """
         now = time.monotonic()
-        if underlay is None or underlay is not self._publisher_underlay:
-            return  # another nacked publish reopened it already
-        if now < self._publisher_reopen_after:
+        publisher, connection = self._publisher, self._connection
+        if underlay is None or underlay is not self._publisher_underlay or publisher is None:
+            return  # another nacked publish moved on already
+        if now < self._publisher_reopen_after or connection is None:
             return
         self._publisher_reopen_after = now + 1.0
+        logger.info("a publish was nacked: publishing on a new channel from now on")
+        try:
+            self._publisher = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except _LOST_CHANNEL as exc:
+            logger.warning("could not open a new publisher channel: %s", exc)
+            return
         self._publisher_underlay = None
-        logger.info("a publish was nacked: reopening the publisher channel")
+        retire = asyncio.get_running_loop().create_task(self._close_later(publisher))
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+
+    async def _close_later(self, channel: AbstractRobustChannel) -> None:
+        await anyio.sleep(self.publish_timeout)
         with anyio.move_on_after(self.connect_timeout), contextlib.suppress(*_LOST_CHANNEL):
-            await underlay.close()  # aio-pika's robust channel opens a new one
+            await channel.close()
 
     async def publish_many(
         self, exchange: str, items: Sequence[tuple[str, OutgoingMessage]], *, window: int
