@@ -7,8 +7,9 @@ arguments, such as ``lambda order_id, **_: f"order:{order_id}"``), before the ha
 
 - a key that completed is skipped: the message is acked without running the handler,
   logged and counted (`skipped`), and its status says ``skipped``;
-- a key another handler holds is waited for (without spending a retry) until that handler
-  completes it (then this message is skipped), fails (then this one runs) or its lease ends;
+- a key another handler holds puts the message back on the broker (`Postpone`, through the
+  delay ladder) for up to a second, without spending a retry, until that handler completes
+  it (then this message is skipped), fails (then this one runs) or its lease ends;
 - a free key is taken with a *lease* (``lease``, 30 s by default), renewed every third of
   it while the handler runs, so a worker that dies mid-task frees its keys once the lease
   ends, and never holds one forever.
@@ -37,7 +38,7 @@ import msgspec
 from cuebx.durations import Duration
 from cuebx.errors import StoreError
 from cuebx.message import new_message_id
-from cuebx.middleware import Middleware, Outcome, Received, Skip, WorkerView
+from cuebx.middleware import Middleware, Outcome, Postpone, Received, Skip, WorkerView
 from cuebx.settings import check_seconds
 from cuebx.stores.base import Store
 from cuebx.task import Task
@@ -47,6 +48,8 @@ __all__ = ["Idempotency", "key_for"]
 logger = logging.getLogger("cuebx.idempotency")
 
 _STATE = "cuebx.idempotency"
+#: Longest a message whose key another handler holds waits before it is tried again.
+_RECHECK_MS = 1000
 
 
 def key_for(task: Task[Any, Any], message_id: str, received: Received) -> str | None:
@@ -92,8 +95,8 @@ class Idempotency(Middleware):
         self.store = store
         #: Messages skipped because their key had completed.
         self.skipped = 0
-        #: Messages held back now because another handler holds their key.
-        self.waiting = 0
+        #: Times a message was put back for later because another handler held its key.
+        self.postponed = 0
         self._owner_prefix = f"{socket.gethostname()}:{os.getpid()}"
         #: Keys held by running handlers: key -> owner, renewed by `serve`.
         self.held: dict[str, str] = {}
@@ -141,32 +144,29 @@ class Idempotency(Middleware):
         self.held[key] = owner
 
     async def _take(self, key: str, owner: str, task: str, message_id: str) -> None:
-        """Take `key`, waiting while another handler holds it; raise `Skip` if it is done."""
-        store = self._store()
-        logged = False
-        try:
-            while True:
-                state, left_ms = await store.acquire(key, owner, self.lease_ms)
-                if state == "acquired":
-                    return
-                if state == "done":
-                    self.skipped += 1
-                    raise Skip(f"idempotency key {key!r} already completed")
-                if not logged:
-                    self.waiting += 1
-                    logger.info(
-                        "task %s message %s: idempotency key %r is held by another running "
-                        "handler; waiting for it (%d ms of its lease left)",
-                        task,
-                        message_id,
-                        key,
-                        left_ms,
-                    )
-                    logged = True
-                await anyio.sleep(min(left_ms / 1000, 0.5))
-        finally:
-            if logged:
-                self.waiting -= 1
+        """Take `key`; raise `Skip` if it is done, `Postpone` while another handler holds it.
+
+        A held key puts the message back on the broker (the delay ladder) for a moment, with
+        its attempt unchanged: no worker sleeps on it, and no retry is spent.
+        """
+        state, left_ms = await self._store().acquire(key, owner, self.lease_ms)
+        if state == "acquired":
+            return
+        if state == "done":
+            self.skipped += 1
+            raise Skip(f"idempotency key {key!r} already completed")
+        self.postponed += 1
+        again_ms = max(1, min(left_ms, _RECHECK_MS))
+        logger.info(
+            "task %s message %s: idempotency key %r is held by another running handler "
+            "(%d ms of its lease left); trying again in %d ms",
+            task,
+            message_id,
+            key,
+            left_ms,
+            again_ms,
+        )
+        raise Postpone(again_ms / 1000, f"idempotency key {key!r} is held by another handler")
 
     async def after_handler(self, received: Received, outcome: Outcome) -> None:
         held = received.state.pop(_STATE, None)

@@ -159,6 +159,8 @@ class WorkerView(Protocol):
     def queue_names(self) -> tuple[str, ...]: ...
     @property
     def tasks(self) -> Mapping[str, Task[Any, Any]]: ...
+    @property
+    def stopping(self) -> bool: ...
 
 
 class Middleware:
@@ -182,11 +184,12 @@ class Middleware:
         """Called when a worker has stopped consuming and its handlers are done."""
 
     async def serve(self, worker: WorkerView) -> None:
-        """Run beside a worker's consumers: from when they are registered until a stop
-        begins, when it is cancelled (before running handlers are waited for).
+        """Run beside a worker's consumers: from when they are registered until the worker
+        stopped and its running handlers are done (or the shutdown timeout ran out), when it
+        is cancelled. ``worker.stopping`` says when a stop began.
 
-        For a plug-in's own long-running work (a scheduler, an HTTP endpoint). An exception
-        is logged and the worker goes on without it.
+        For a plug-in's own long-running work (a scheduler, renewing leases, an HTTP
+        endpoint). An exception is logged and the worker goes on without it.
         """
 
     async def before_handler(self, received: Received) -> None:

@@ -21,7 +21,8 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -182,6 +183,7 @@ class Worker:
         self._consumers_cancelled = False
         # True from the moment every consumer is registered until the stop begins.
         self._consuming = False
+        self._subscriptions: list[Subscription] = []
         # While a classic queue's redelivered message is re-published with its count, no
         # handler starts: see `_count_redelivery`.
         self._recounting = 0
@@ -243,7 +245,11 @@ class Worker:
     @property
     def consuming(self) -> bool:
         """True once every consumer is registered, until a stop begins (health checks)."""
-        return self._consuming and not self._stopping.is_set()
+        return (
+            self._consuming
+            and not self._stopping.is_set()
+            and all(s.consuming for s in self._subscriptions)
+        )
 
     def request_stop(self, *, immediate: bool = False) -> None:
         """Ask the worker to stop: gracefully, or `immediate` (cancel and requeue in-flight)."""
@@ -294,6 +300,7 @@ class Worker:
         close the channels. Cancelling `run` itself is an immediate stop.
         """
         subscriptions: list[Subscription] = []
+        self._subscriptions = subscriptions
         await notify(self.stack.on_worker_start, self)
         try:
             for queue in self.queues:
@@ -307,36 +314,45 @@ class Worker:
                 )
             self._consuming = True
             task_status.started()
-            await self._serve_until_stopping()
-            logger.info(
-                "stopping: no new messages; waiting up to %gs for running handlers",
-                self.shutdown_timeout,
-            )
-            await self._cancel_consumers(subscriptions)
-            with anyio.move_on_after(self.shutdown_timeout):
-                await self._wait_for_handlers(until_immediate=True)
-            if self._running:
-                logger.warning(
-                    "%s: requeueing %d unfinished messages",
-                    "stopping now" if self._immediate else "shutdown timeout reached",
-                    len(self._running),
-                )
+            async with self._services():
+                await self._stopping.wait()
+                await self._drain(subscriptions)
         finally:
             self._consuming = False
             with anyio.CancelScope(shield=True):
                 await self._shut_down(subscriptions)
 
-    async def _serve_until_stopping(self) -> None:
-        """Run the middleware's ``serve`` hooks beside the consumers until a stop begins."""
+    async def _drain(self, subscriptions: list[Subscription]) -> None:
+        """A graceful stop: no new deliveries; running handlers get the shutdown timeout."""
+        logger.info(
+            "stopping: no new messages; waiting up to %gs for running handlers",
+            self.shutdown_timeout,
+        )
+        await self._cancel_consumers(subscriptions)
+        with anyio.move_on_after(self.shutdown_timeout):
+            await self._wait_for_handlers(until_immediate=True)
+        if self._running:
+            logger.warning(
+                "%s: requeueing %d unfinished messages",
+                "stopping now" if self._immediate else "shutdown timeout reached",
+                len(self._running),
+            )
+
+    @asynccontextmanager
+    async def _services(self) -> AsyncIterator[None]:
+        """Run the middleware's ``serve`` hooks for the block: beside the consumers, and on
+        while running handlers finish (a lease a handler holds is renewed until it is done)."""
         serve = self.stack.serve
         if not serve:
-            await self._stopping.wait()
+            yield
             return
         async with anyio.create_task_group() as services:
             for hook in serve:
                 services.start_soon(self._serve, hook)
-            await self._stopping.wait()
-            services.cancel_scope.cancel()
+            try:
+                yield
+            finally:
+                services.cancel_scope.cancel()
 
     async def _serve(self, hook: Callable[[Worker], Awaitable[None]]) -> None:
         try:

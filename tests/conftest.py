@@ -8,7 +8,7 @@ import re
 import socket
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
@@ -273,3 +273,69 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         on_rabbitmq = callspec is not None and callspec.params.get("broker_url") == "rabbitmq"
         if on_rabbitmq or "rabbitmq_url" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.rabbitmq)
+
+
+def _broker_names(kind: str) -> set[str] | None:
+    """Queue or exchange names on the local RabbitMQ (rabbitmqctl), or None if it cannot say."""
+    try:
+        out = subprocess.run(
+            ["rabbitmqctl", f"list_{kind}", "-q", "name"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {line.strip() for line in out.splitlines() if line.strip()}
+
+
+def _ours(name: str) -> bool:
+    # Test prefixes (see `prefix`) and the shared objects of the default exchange "cuebx"
+    # (its delay ladder, scheduler and event exchanges) that a test made.
+    return name.startswith(("t.", "cuebx.")) and name != "cuebx"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_what_tests_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After the session, delete the queues and exchanges tests made and did not delete.
+
+    Each test cleans up after itself; this is the net under that for what a test run in a
+    subprocess, or one that failed half-way, left behind. Only names that did not exist
+    before the session and look like a test's are touched, so a developer's own queues on the
+    same broker are safe.
+    """
+    if not any(item.get_closest_marker("rabbitmq") for item in request.session.items):
+        yield  # a run without RabbitMQ: nothing to look at
+        return
+    before = {kind: _broker_names(kind) for kind in ("queues", "exchanges")}
+    yield
+    if before["queues"] is None or before["exchanges"] is None:
+        return
+    after = {kind: _broker_names(kind) or set() for kind in ("queues", "exchanges")}
+    queues = {n for n in after["queues"] - before["queues"] if _ours(n)}
+    exchanges = {n for n in after["exchanges"] - before["exchanges"] if _ours(n)}
+    if queues or exchanges:
+        try:
+            anyio.run(_delete_names, queues, exchanges)
+        except (OSError, aio_pika.exceptions.AMQPError):
+            pass  # the broker went away: nothing to clean now
+
+
+async def _delete_names(queues: set[str], exchanges: set[str]) -> None:
+    connection = await aio_pika.connect(
+        RABBITMQ_URL, client_properties={"connection_name": "tests: cleanup"}
+    )
+    try:
+        for names, delete in ((queues, "queue_delete"), (exchanges, "exchange_delete")):
+            for name in sorted(names):
+                channel = await connection.channel()
+                underlay = await channel.get_underlay_channel()
+                try:
+                    await getattr(underlay, delete)(name)
+                except aio_pika.exceptions.AMQPError:
+                    pass  # gone already, or in use by a test node: nothing to clean
+                if not channel.is_closed:
+                    await channel.close()
+    finally:
+        await connection.close()

@@ -148,9 +148,17 @@ class _Acks:
                 self._batch, self._pending = None, []
                 try:
                     await self._send(pending)
-                except Exception as exc:
-                    batch.set_exception(exc)
+                except BaseException as exc:
+                    # Every caller waits on this batch: it must end, whatever ended the send.
+                    # aiormq fails a frame of a connection it closed (a missed heartbeat)
+                    # with the reader's CancelledError: that is a lost channel, not a
+                    # cancellation of this task.
+                    cancelled = _cancelling()
+                    lost = exc if isinstance(exc, Exception) or cancelled else None
+                    batch.set_exception(lost or ConnectionError(f"channel lost: {exc!r}"))
                     batch.exception()  # retrieved here: the acks' callers may all be gone
+                    if cancelled:
+                        raise
                 else:
                     batch.set_result(None)
         finally:
@@ -281,6 +289,8 @@ class _Subscription:
         self.cancel_timeout = cancel_timeout
         self.consumer_tag: str | None = None
         self.active = True
+        # The broker has this consumer registered (False once it cancelled it).
+        self._registered = False
         self._context = contextvars.copy_context()
         self._running: set[asyncio.Task[None]] = set()
         self._acks: _Acks | None = None
@@ -310,8 +320,14 @@ class _Subscription:
                 extra=delivery.log_extra(),
             )
 
+    @property
+    def consuming(self) -> bool:
+        """True while RabbitMQ delivers to this consumer (see `Subscription.consuming`)."""
+        return self.active and self._registered
+
     def _on_cancelled(self, frame: spec.Basic.Cancel) -> None:
         if frame.consumer_tag == self.consumer_tag and self.active:
+            self._registered = False
             logger.error(
                 "RabbitMQ cancelled the consumer of queue %r (was the queue deleted?): no "
                 "more messages come from it until its channel is reopened or the worker "
@@ -322,8 +338,10 @@ class _Subscription:
     async def start(self) -> None:
         underlay = await self.channel.get_underlay_channel()
         underlay.on_consumer_cancel_callbacks.add(self._on_cancelled)
+        self._registered = False
         ok = await underlay.basic_consume(self.queue, self._on_message, no_ack=False)
         self.consumer_tag = ok.consumer_tag
+        self._registered = True
 
     async def begin(self) -> None:
         """Consume for the first time; from then on, again whenever the channel reopens."""
@@ -497,6 +515,8 @@ class AmqpBroker:
         self._publisher: AbstractRobustChannel | None = None
         self._publisher_underlay: aiormq.abc.AbstractChannel | None = None
         self._publisher_reopen_after = 0.0
+        # Publisher channels replaced after a nack, closed once their confirms are in.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._subscriptions: set[_Subscription] = set()
         self._lock = anyio.Lock()
         # The channel of `get`, with the acks of what it fetched.
@@ -590,6 +610,8 @@ class AmqpBroker:
             subscriptions, self._subscriptions = list(self._subscriptions), set()
             self._getter = self._getter_acks = None
             self._offerer = self._offer_underlay = None
+            for retire in self._retiring:
+                retire.cancel()
             if connection is None:
                 return
             for subscription in subscriptions:
@@ -830,6 +852,15 @@ class AmqpBroker:
                 f"message {message.message_id} to {_target(exchange, routing_key)} was not "
                 f"confirmed: {exc or type(exc).__name__}"
             ) from exc
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            # Not a cancellation of this publish: aiormq fails the frames of a connection it
+            # closed (a missed heartbeat) with its reader's CancelledError.
+            raise PublishError(
+                f"message {message.message_id} to {_target(exchange, routing_key)} was not "
+                "confirmed: the connection was lost"
+            ) from None
         if not isinstance(confirm, spec.Basic.Ack):
             await self._nacked(underlay)
             raise PublishError(
@@ -894,35 +925,58 @@ class AmqpBroker:
             ) from None
         except _LOST_CHANNEL as exc:
             raise PublishError(f"the reply to {reply_to!r} was not confirmed: {exc}") from exc
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            raise PublishError(
+                f"the reply to {reply_to!r} was not confirmed: the connection was lost"
+            ) from None
         if not isinstance(confirm, spec.Basic.Ack):
             raise PublishError(f"the reply to {reply_to!r} was nacked by the broker")
 
     async def _nacked(self, underlay: aiormq.abc.AbstractChannel | None) -> None:
-        """Reopen the publisher channel after a nack, at most once a second.
+        """Publish on a fresh channel after a nack, at most once a second.
 
         A channel whose first publish to a quorum queue reaches RabbitMQ while the queue
         elects a new leader (its node was lost) can go on nacking every later publish to
         that queue, while a channel opened after the election publishes normally (seen on
-        RabbitMQ 3.10). A fresh channel gets past it; a queue that nacks for another reason
-        (``reject-publish`` at its length limit) costs one new channel a second.
+        RabbitMQ 3.10). New publishes go to a new channel at once; the old one is closed
+        only after the publish timeout, so the confirms it still waits for, and the replies
+        of calls made on it, arrive instead of failing with it.
         """
         now = time.monotonic()
-        if underlay is None or underlay is not self._publisher_underlay:
-            return  # another nacked publish reopened it already
-        if now < self._publisher_reopen_after:
+        publisher, connection = self._publisher, self._connection
+        if underlay is None or underlay is not self._publisher_underlay or publisher is None:
+            return  # another nacked publish moved on already
+        if now < self._publisher_reopen_after or connection is None:
             return
         self._publisher_reopen_after = now + 1.0
+        logger.info("a publish was nacked: publishing on a new channel from now on")
+        try:
+            self._publisher = await connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        except _LOST_CHANNEL as exc:
+            logger.warning("could not open a new publisher channel: %s", exc)
+            return
         self._publisher_underlay = None
-        logger.info("a publish was nacked: reopening the publisher channel")
+        retire = asyncio.get_running_loop().create_task(self._close_later(publisher))
+        self._retiring.add(retire)
+        retire.add_done_callback(self._retiring.discard)
+
+    async def _close_later(self, channel: AbstractRobustChannel) -> None:
+        await anyio.sleep(self.publish_timeout)
         with anyio.move_on_after(self.connect_timeout), contextlib.suppress(*_LOST_CHANNEL):
-            await underlay.close()  # aio-pika's robust channel opens a new one
+            await channel.close()
 
     async def offer(self, queue: str, message: OutgoingMessage) -> bool:
         """Publish a transient message to `queue` on the offer channel: False when nacked.
 
-        A full ``reject-publish`` queue nacks; unlike `publish`, that reopens nothing (see
-        `_nacked`): a rate limiter's queue nacks all the time, and the task publishes in
-        flight on the publisher channel would fail with it.
+        A full ``reject-publish`` queue nacks, and for a rate limiter's queue that is the
+        everyday answer. On the publisher channel, each nack would move task publishes to a
+        new channel (`_nacked`, at most once a second, the old one closed a publish timeout
+        later): a limiter that is full most of the time would keep dozens of channels open
+        and churn them. The offer channel never moves: a nack here is an answer, not a fault.
         """
         properties = spec.Basic.Properties(
             delivery_mode=_TRANSIENT,
@@ -960,6 +1014,14 @@ class AmqpBroker:
                 f"message {message.message_id} to {target} was not confirmed: "
                 f"{exc or type(exc).__name__}"
             ) from exc
+        except asyncio.CancelledError:
+            if _cancelling():
+                raise
+            # aiormq's reader's CancelledError: the connection was lost (see `publish`).
+            raise PublishError(
+                f"message {message.message_id} to {target} was not confirmed: the connection "
+                "was lost"
+            ) from None
         return isinstance(confirm, spec.Basic.Ack)
 
     async def _offer_channel(self) -> aiormq.abc.AbstractChannel:
@@ -1200,6 +1262,13 @@ def _value_like(text: str, ours: Any) -> Any:
     except ValueError:
         pass
     return text
+
+
+def _cancelling() -> bool:
+    """True when the running task itself is being cancelled (not a CancelledError that
+    aiormq passed on from a connection it closed)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _reply_text(exc: BaseException) -> str:

@@ -92,6 +92,11 @@ DeliveryHandler: TypeAlias = Callable[[Delivery], Coroutine[Any, Any, None]]
 class Subscription(Protocol):
     """A running consumer of one queue."""
 
+    @property
+    def consuming(self) -> bool:
+        """True while the broker delivers to it: not cancelled by us, nor by the broker (its
+        queue was deleted), nor lost with a channel that could not consume again."""
+
     async def cancel(self) -> None:
         """Stop new deliveries (basic.cancel); delivered ones can still be acked."""
 

@@ -23,7 +23,7 @@ from cuebx.loader import load_app
 from cuebx.ops.diff import TopologyDiff, diff_topology, migration
 from cuebx.ops.dlq import Listing, Report
 from cuebx.ops.records import DeadLetterEntry, decode_body, encode_json, entry_record
-from cuebx.ops.status import MANAGEMENT_URL_ENV, Status, status, unacked_source
+from cuebx.ops.status import MANAGEMENT_URL_ENV, Status, app_status, unacked_source
 from cuebx.ops.sweep import Progress
 
 if TYPE_CHECKING:
@@ -448,7 +448,7 @@ def status_command(
     source = unacked_source(app.settings.url, management_url)
 
     async def read() -> Status:
-        return await status(app.broker, app.topology(), unacked=source)
+        return await app_status(app, unacked=source)
 
     if not watch:
         found = _run(app, read)

@@ -337,6 +337,10 @@ class DeadLetters:
         """Why a replay cannot go to `target`, or None when it can."""
         if target is None:
             return "no origin queue known (give a target queue)"
+        if target.startswith(f"{self.topology.exchange}.delay."):
+            # A level dead-letters by routing key to the next level: a message put in it
+            # from outside matches no binding there and is dropped.
+            return f"{target!r} is a delay level (give a target queue)"
         if target not in exists:
             exists[target] = await self.broker.queue_state(target) is not None
         return None if exists[target] else f"queue {target!r} does not exist"

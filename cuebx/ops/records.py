@@ -26,6 +26,7 @@ from cuebx.brokers.base import Delivery
 from cuebx.durations import to_seconds
 from cuebx.message import (
     HEADER_ATTEMPT,
+    HEADER_DELAY_TO,
     HEADER_ERROR,
     HEADER_ERROR_TYPE,
     HEADER_FAILED_AT,
@@ -100,7 +101,13 @@ class DeadLetterEntry:
         first_death = deaths[0] if isinstance(deaths, list | tuple) and deaths else {}
         rabbit_reason = headers.get("x-first-death-reason")
         task = headers.get(HEADER_TASK)
-        origin = headers.get(HEADER_ORIGIN_QUEUE) or headers.get("x-first-death-queue")
+        # A message the delay ladder could not deliver names its destination itself; its
+        # first death is a ladder level, which would only drop a replay.
+        origin = (
+            headers.get(HEADER_ORIGIN_QUEUE)
+            or headers.get(HEADER_DELAY_TO)
+            or headers.get("x-first-death-queue")
+        )
         return cls(
             queue=queue,
             message_id=delivery.message_id or None,

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
@@ -32,6 +32,7 @@ from urllib.parse import quote, unquote, urlsplit
 import anyio
 
 from cuebx.brokers.base import Broker, QueueState
+from cuebx.delays import Delays, ladder_status
 from cuebx.topology import QueueSpec, Topology
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "Section",
     "Status",
     "UnackedCounts",
+    "app_status",
     "status",
     "unacked_source",
 ]
@@ -324,6 +326,35 @@ async def status(
         source,
         now or datetime.now(UTC),
     )
+
+
+class _App(Protocol):
+    """What `app_status` reads of an app (a `cuebx.Cuebx`)."""
+
+    @property
+    def broker(self) -> Broker: ...
+    @property
+    def delays(self) -> Delays: ...
+    def topology(self) -> Topology: ...
+
+
+async def app_status(app: _App, *, unacked: UnackedCounts | None = None) -> Status:
+    """`status` of an app's queues, with a ``delay`` section for its delay ladder.
+
+    The ladder is declared on first use, so a ladder that does not exist yet is left out;
+    of one that does, the levels holding messages and the unroutable queue are shown.
+    """
+    found = await status(app.broker, app.topology(), unacked=unacked)
+    ladder = await ladder_status(app)
+    if not ladder.declared:
+        return found
+    levels = [level for level in ladder.levels if level.messages]
+    queues = tuple(
+        QueueStatus(level.queue, "delay", True, level.messages, None, 0)
+        for level in (*levels, ladder.unroutable)
+        if level.messages is not None
+    )
+    return replace(found, sections=(*found.sections, Section("delay", queues)))
 
 
 async def _unacked(

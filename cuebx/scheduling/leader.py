@@ -112,6 +112,8 @@ class JobLeader:
         # Cycle at once on becoming active, so the state and status name the new leader.
         self._stamp = False
         self._seed_since: float | None = None
+        # The state that records a confirmed fire, until it is on the broker.
+        self._unwritten: JobState | None = None
 
     async def run(self) -> None:
         """Take part in the job's election until cancelled, firing while active."""
@@ -209,6 +211,9 @@ class JobLeader:
 
     def _step_down(self, why: str) -> None:
         self.leading, self._handing_back = False, False
+        # A fire whose state never reached the broker: the next leader repeats that slot,
+        # under the same message id.
+        self._unwritten = None
         logger.info(
             "job %s: this worker is no longer the active scheduler (%s): %s",
             self.job.name,
@@ -281,36 +286,44 @@ class JobLeader:
     async def _cycle(self, held: _Held, cursor: int, fire: int | None) -> None:
         """Fire `fire` (if any), publish the next state, and ack the one held.
 
-        Shielded: a stop between the steps would repeat the slot at the next leader.
+        Shielded: a stop between the steps would repeat the slot at the next leader. Once a
+        fire is confirmed, the state that records it is kept here until it is published: a
+        state publish that fails is retried on its own, never with the fire again.
         """
         if not held.delivery.channel_open:
             return  # the next turn steps down
         state = held.state
         with anyio.CancelScope(shield=True):
             try:
-                fired = fire if fire is not None and await self._fire(fire) else state.fired
-                following = JobState(
-                    job=self.job.name,
-                    fingerprint=self.job.fingerprint,
-                    cursor=cursor,
-                    fired=fired,
-                    seq=state.seq + 1,
-                    leader=self.identity,
-                    written=self.clock.time(),
-                )
+                following = self._unwritten
+                if following is None:
+                    fired = fire if fire is not None and await self._fire(fire) else state.fired
+                    following = self._unwritten = JobState(
+                        job=self.job.name,
+                        fingerprint=self.job.fingerprint,
+                        cursor=cursor,
+                        fired=fired,
+                        seq=state.seq + 1,
+                        leader=self.identity,
+                        written=self.clock.time(),
+                    )
                 await self._publish_state(following)
             except Exception:
                 logger.exception(
-                    "job %s: publishing failed; the slot stays due, trying again in %gs",
+                    "job %s: %s; trying again in %gs",
                     self.job.name,
+                    "publishing its state failed (the slot fired already)"
+                    if self._unwritten is not None
+                    else "firing failed: the slot stays due",
                     RETRY,
                 )
                 failed = True
             else:
+                self._unwritten = None
                 await held.delivery.ack()
                 self._held, self._handing_back, self._stamp = None, True, False
                 failed = False
-        if failed:
+        if failed or following is None:
             await self.clock.sleep(RETRY)
             return
         await self._publish_status(following)

@@ -332,3 +332,31 @@ async def test_export_writes_every_dead_letter_as_a_json_line_and_keeps_them(
     assert lines[0]["headers"]["x-cuebx-task"] == "a"
     assert msgspec.json.decode(json.dumps(lines[0]["failed_at"]).encode(), type=datetime)
     assert await ready(app, dlq) == 2
+
+
+async def test_replaying_the_delay_ladder_s_unroutable_queue_delivers_to_the_destination() -> None:
+    app = Cuebx("memory://")
+
+    @app.task(queue="later")
+    async def remind(n: int) -> None: ...
+
+    async with app:
+        await remind.apply_async((1,), countdown="3s")
+        await app.broker.delete(app.topology())  # the queue goes away while the message waits
+        unroutable = app.delays.ladder.unroutable
+        await wait_for(lambda: _depth(app, unroutable, 1), what="the message in unroutable")
+        await app.declare()  # the queue is back
+        listing = await app.dlq.ls(unroutable)
+        assert [m.origin_queue for m in listing.messages] == ["later"]
+        report = await app.dlq.replay(unroutable, all=True)
+        assert report.done == 1
+        assert await app.broker.queue_length("later") == 1
+        assert await app.broker.queue_length(unroutable) == 0
+        # A ladder level is never a replay target: it would drop what it was given.
+        refused = await app.dlq.replay("later", all=True, to=f"{app.settings.exchange}.delay.3")
+        assert refused.done == 0
+        assert await app.broker.queue_length("later") == 1
+
+
+async def _depth(app: Cuebx, queue: str, count: int) -> bool:
+    return await app.broker.queue_length(queue) == count

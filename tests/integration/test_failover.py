@@ -162,7 +162,57 @@ async def test_a_nacked_publish_raises_and_the_next_one_goes_through_a_new_chann
         with pytest.raises(PublishError, match="was nacked by the broker"):
             await app.broker.publish("", full, message)
     # Reopened once: a queue that keeps nacking costs one new channel a second, not one each.
-    assert caplog.text.count("a publish was nacked: reopening the publisher channel") == 1
+    assert caplog.text.count("a publish was nacked: publishing on a new channel from now on") == 1
     with anyio.fail_after(10):
         await ok.delay()
     assert await amqp.count(f"{prefix}.ok") == 1
+    await amqp.channel.queue_delete(full)
+
+
+async def test_a_nacked_publish_fails_alone_while_other_publishes_are_in_flight(
+    make_rabbit_app: AppFactory, amqp: Raw, prefix: str
+) -> None:
+    app = make_rabbit_app()
+
+    @app.task(queue=f"{prefix}.ok")
+    async def ok(n: int) -> None: ...
+
+    await app.connect()
+    full = f"{prefix}.full"
+    await amqp.channel.declare_queue(
+        full, auto_delete=True, arguments={"x-max-length": 0, "x-overflow": "reject-publish"}
+    )
+    refused = OutgoingMessage(
+        body=b"{}",
+        message_id="refused",
+        correlation_id="refused",
+        content_type=None,
+        headers={},
+        timestamp=datetime.now(UTC),
+    )
+    outcomes: list[str] = []
+    nacks_done = anyio.Event()
+
+    async def lane() -> None:
+        # Publishes in flight all the while the nacks come and go.
+        while not nacks_done.is_set():
+            await ok.delay(len(outcomes))
+            outcomes.append("ok")
+
+    async def nacker() -> None:
+        for _ in range(3):
+            await anyio.sleep(0.4)
+            with pytest.raises(PublishError, match="nacked"):
+                await app.broker.publish("", full, refused)
+            outcomes.append("nacked")
+        nacks_done.set()
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(lane)
+            group.start_soon(nacker)
+    assert outcomes.count("nacked") == 3
+    # No lane failed: a PublishError would have ended the task group with it.
+    assert await amqp.count(f"{prefix}.ok") == outcomes.count("ok")
+    await amqp.channel.queue_delete(full)

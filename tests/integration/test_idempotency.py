@@ -108,8 +108,9 @@ async def test_a_key_held_by_a_running_handler_holds_back_the_other_without_a_re
     first = await slow.delay(1)
     await wait_for(lambda: runs == [0], what="the first run")
     second = await slow.delay(1)
-    await wait_for(lambda: _idempotency(app).waiting == 1, what="the second one held back")
-    assert (await second.status()).state == "pending"
+    await wait_for(lambda: _idempotency(app).postponed >= 1, what="the second one held back")
+    assert (await second.status()).state in ("pending", "started")
+    assert _idempotency(app).held == {"n:1": next(iter(_idempotency(app).held.values()))}
     release.set()
     await wait_for(lambda: _state(second, "skipped"), what="the second one skipped")
     assert (await second.status()).attempt == 0  # no retry spent
@@ -197,9 +198,32 @@ async def test_a_long_handler_keeps_its_key_by_renewing_the_lease(
     first = await long.delay(1)
     await wait_for(lambda: runs == [1], what="the first run")
     second = await long.delay(1)
-    await wait_for(lambda: lease.waiting == 1, what="the second one held back")
+    await wait_for(lambda: lease.postponed >= 1, what="the second one held back")
     await first.result(timeout=10)
     await wait_for(lambda: _state(second, "skipped"), what="the second one skipped")
     await worker.stop()
     assert runs == [1]  # the lease never ended while the first one ran
     assert lease.held == {}
+
+
+async def test_a_handler_finishing_during_a_graceful_stop_keeps_its_key(
+    make_rabbit_app: AppFactory, prefix: str
+) -> None:
+    lease = Idempotency(lease="300ms")
+    app = make_rabbit_app(store="memory://", middleware=[lease])
+    running_now = anyio.Event()
+
+    @app.task(queue=f"{prefix}.q", idempotency_key=lambda n: f"n:{n}")
+    async def long(n: int) -> None:
+        running_now.set()
+        await anyio.sleep(1.2)  # four leases long, most of it after the stop began
+
+    worker = await app.start_consumers()
+    await long.delay(1)
+    await running_now.wait()
+    worker.request_stop()  # a deploy: SIGTERM, running handlers drain
+    await anyio.sleep(0.8)  # well past one lease: only renewals keep the key
+    assert lease.store is not None
+    state, _ = await lease.store.acquire("n:1", "another-worker", 300)
+    await worker.stop()
+    assert state == "held"

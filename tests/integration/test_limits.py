@@ -7,6 +7,7 @@ fifty starts at five a second need. Times are read from the broker's clock.
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import sys
@@ -162,9 +163,9 @@ async def test_concurrency_never_exceeds_its_limit_across_three_workers(
 
 
 async def test_a_full_limiter_nacks_permits_without_disturbing_task_publishes(
-    make_rabbit_app: AppFactory, prefix: str
+    make_rabbit_app: AppFactory, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app = make_rabbit_app()
+    app = make_rabbit_app(exchange=f"{prefix}.x")
     limiter = app.limiter("api", "3/1m")
 
     @app.task(queue=f"{prefix}.q", rate_limit="api")
@@ -179,10 +180,12 @@ async def test_a_full_limiter_nacks_permits_without_disturbing_task_publishes(
             permit = OutgoingMessage(b"", "p", "p", None, {}, datetime.now(UTC))
             answers.append(await broker.offer(limiter.queue, permit))
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(ask)
-        handles = await call.map([() for _ in range(300)], window=64)  # raises if any failed
+    with caplog.at_level(logging.INFO, logger="cuebx.amqp"):
+        async with anyio.create_task_group() as group:
+            group.start_soon(ask)
+            handles = await call.map([() for _ in range(300)], window=64)  # raises if any failed
     assert len(handles) == 300
+    assert "nacked" not in caplog.text  # the publisher channel never took a permit's nack
     assert answers == [True] * 3 + [False] * 17
     assert await broker.queue_length(limiter.queue) == 3
 
@@ -191,7 +194,7 @@ async def test_a_queue_that_gains_concurrency_or_a_limiter_another_rate_is_a_cle
     make_rabbit_app: AppFactory, prefix: str
 ) -> None:
     queue = f"{prefix}.reports"
-    before = make_rabbit_app()
+    before = make_rabbit_app(exchange=f"{prefix}.x")
     before.limiter("pdf", "10/s")
 
     @before.task(queue=queue, rate_limit="pdf")
@@ -200,7 +203,7 @@ async def test_a_queue_that_gains_concurrency_or_a_limiter_another_rate_is_a_cle
     await before.connect()
     await render.delay()
 
-    after = make_rabbit_app()
+    after = make_rabbit_app(exchange=f"{prefix}.x")
     after.limiter("pdf", "20/s")
 
     @after.task(queue=queue, concurrency=4, rate_limit="pdf")

@@ -12,8 +12,9 @@ from zoneinfo import ZoneInfo
 import anyio
 import pytest
 
-from cuebx import Cuebx, current_context
+from cuebx import Cuebx, PublishError, current_context
 from cuebx.brokers.memory import MemoryBroker
+from cuebx.message import OutgoingMessage
 from cuebx.scheduling.leader import read_status
 from cuebx.scheduling.schedules import slot_text
 from cuebx.scheduling.state import JobStatus, status_queue_name
@@ -386,10 +387,36 @@ async def test_a_fire_the_broker_did_not_confirm_is_tried_again_and_not_lost(
             await until_time(broker, (int(start) // 3600 + 2) * 3600 + 9)
             # (Deleting the queue also ended the worker's consumer: the message waits there.)
             [late] = broker.messages("default")
-    assert "publishing failed; the slot stays due" in caplog.text
+    assert "firing failed: the slot stays due" in caplog.text
     [on_time] = fires.runs
     assert int(datetime.fromisoformat(on_time[0]).timestamp()) // 3600 == int(start) // 3600 + 1
     assert late.message_id == f"cron:tick:{slot_text((int(start) // 3600 + 2) * 3600)}"
+
+
+class _StateRefused(MemoryBroker):
+    """A broker that refuses the scheduler's state messages while `refusing` is set."""
+
+    refusing = False
+
+    async def publish(self, exchange: str, routing_key: str, message: OutgoingMessage) -> None:
+        if self.refusing and ".scheduler." in routing_key:
+            raise PublishError(f"message {message.message_id} to {routing_key!r} was nacked")
+        await super().publish(exchange, routing_key, message)
+
+
+async def test_a_fired_slot_whose_state_was_not_stored_is_not_fired_again() -> None:
+    broker = _StateRefused()
+    fires = Fires()
+    app = make_app(broker, fires, every="1h")
+    start = broker.clock.time()
+    async with running(app):
+        await until_time(broker, start + 1)
+        broker.refusing = True  # the fire goes out, its state does not
+        await until_time(broker, start + 3600 + 30)
+        broker.refusing = False
+        await until_time(broker, start + 3600 + 60)
+    next_slot = slot_text((int(start) // 3600 + 1) * 3600)
+    assert [run[0] for run in fires.runs] == [next_slot]  # once, though the state failed
 
 
 async def test_with_overlap_skip_a_dead_lettered_run_ends_its_run_too(

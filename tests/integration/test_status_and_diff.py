@@ -12,7 +12,7 @@ import pytest
 from cuebx.brokers.base import Delivery
 from cuebx.message import OutgoingMessage
 from cuebx.ops.diff import diff_topology, migration
-from cuebx.ops.status import status, unacked_source
+from cuebx.ops.status import app_status, status, unacked_source
 from cuebx.topology import Topology
 from tests.conftest import AppFactory
 
@@ -133,3 +133,21 @@ async def test_diff_says_so_when_long_names_cut_rabbitmq_s_reply_short(
     assert (main.state, main.incomplete) == ("different", True)
     assert "RabbitMQ cut its reply short" in main.describe()
     assert [d.argument for d in main.differences] == ["x-dead-letter-routing-key"]
+
+
+async def test_status_shows_the_delay_levels_that_hold_messages(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app(exchange=prefix)
+    queue = f"{prefix}.later"
+    job = app.task(queue=queue, name="job")(_noop)
+    await app.connect()
+    assert not [s for s in (await app_status(app)).sections if s.title == "delay"]
+    await job.apply_async((1,), countdown="1h")
+    found = await app_status(app)
+    [delay] = [s for s in found.sections if s.title == "delay"]
+    waiting = [(q.name, q.ready) for q in delay.queues if q.ready]
+    # One hour at 100 ms units is 36,000 units: its highest level is 2^15 units.
+    assert waiting == [(f"{prefix}.delay.15", 1)]
+    assert delay.queues[-1].name == f"{prefix}.delay.unroutable"
+    await app.broker.delete(app.delays.ladder.topology())

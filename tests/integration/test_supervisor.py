@@ -238,6 +238,7 @@ async def test_the_supervisor_reports_the_health_of_every_child(
 
 async def test_worker_processes_whose_supervisor_was_killed_stop_by_themselves(
     run: WorkerRun,
+    producer: Cuebx,  # deletes the queues the worker declared
 ) -> None:
     process = run.start("--processes", "2")
     await run.wait_ready(2)

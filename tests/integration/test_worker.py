@@ -10,6 +10,7 @@ import pydantic
 import pytest
 
 from cuebx import TaskContext, current_context
+from cuebx.topology import Topology
 from tests.conftest import AppFactory, Probe, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -338,3 +339,21 @@ async def test_a_pydantic_model_argument_reaches_the_handler_as_the_model(
     await wait_for(lambda: len(got) == 1, what="the order")
     await worker.stop()
     assert got == [Order(order_id=7, items=["book"])]
+
+
+async def test_a_worker_whose_queue_was_deleted_under_it_no_longer_says_it_consumes(
+    make_app: AppFactory, prefix: str
+) -> None:
+    app = make_app()
+    queue = f"{prefix}.doomed"
+
+    @app.task(queue=queue)
+    async def job() -> None: ...
+
+    worker = await app.start_consumers()
+    assert worker.consuming
+    main = app.topology().queue(queue)
+    await app.broker.delete(Topology(app.topology().exchange, (main,)))
+    # RabbitMQ cancels the consumer of a deleted queue: health checks must see it.
+    await wait_for(lambda: not worker.consuming, what="the worker to notice")
+    await worker.stop()

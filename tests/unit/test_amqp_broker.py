@@ -1,11 +1,14 @@
-"""The AMQP broker's translation of RabbitMQ's reply texts (no broker needed)."""
+"""The AMQP broker's pure parts: reply texts, batched acks under faults (no broker needed)."""
 
 from __future__ import annotations
 
+import asyncio
+
 import aiormq
+import anyio
 import pytest
 
-from cuebx.brokers.amqp import _precondition_detail
+from cuebx.brokers.amqp import _Acks, _precondition_detail
 
 
 @pytest.mark.parametrize(
@@ -69,3 +72,40 @@ def test_a_precondition_failure_reads_like_a_topology_diff(reply: str, detail: s
     error = aiormq.exceptions.ChannelPreconditionFailed(reply)
 
     assert _precondition_detail(error) == detail
+
+
+class _ChannelClosedUnder:
+    """An aiormq channel whose connection aiormq closed after a missed heartbeat: it fails
+    pending frames with the reader's CancelledError (a stand-in for that one fault)."""
+
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, bool]] = []
+
+    async def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acked.append((delivery_tag, multiple))
+        raise asyncio.CancelledError()
+
+
+@pytest.mark.anyio
+async def test_acks_whose_connection_died_with_a_cancelled_error_fail_instead_of_hanging() -> None:
+    acks = _Acks(_ChannelClosedUnder())  # type: ignore[arg-type]
+    with anyio.fail_after(5):  # before the fix, every ack waited forever
+        results = await asyncio.gather(
+            *(acks.ack(tag) for tag in (1, 2, 3)), return_exceptions=True
+        )
+    assert all(isinstance(r, ConnectionError) for r in results), results
+    # A later ack gets a sender of its own, not a dead one.
+    with anyio.fail_after(5), pytest.raises(ConnectionError):
+        await acks.ack(4)
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_ack_caller_still_lets_the_others_finish() -> None:
+    channel = _ChannelClosedUnder()
+    acks = _Acks(channel)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(acks.ack(1))
+    second = asyncio.ensure_future(acks.ack(2))
+    await asyncio.sleep(0)
+    first.cancel()
+    with anyio.fail_after(5), pytest.raises(ConnectionError):
+        await second

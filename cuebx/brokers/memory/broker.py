@@ -54,6 +54,10 @@ class _MemorySubscription:
     def consumer_tag(self) -> str:
         return self._consumer.tag
 
+    @property
+    def consuming(self) -> bool:
+        return self._consumer.active
+
     async def cancel(self) -> None:
         """Stop new deliveries (``basic.cancel``); running handlers go on and can settle."""
         await checkpoint()
