@@ -61,7 +61,15 @@ from cuebx.middleware import Middleware, Postpone, Received
 from cuebx.task import Task
 from cuebx.topology import QueueSpec, Topology
 
-__all__ = ["Limiter", "Limits", "Rate", "hold_back_ms", "limiter_queue_name", "parse_rate"]
+__all__ = [
+    "Limiter",
+    "Limits",
+    "PermitCounts",
+    "Rate",
+    "hold_back_ms",
+    "limiter_queue_name",
+    "parse_rate",
+]
 
 logger = logging.getLogger("cuebx.limits")
 
@@ -157,7 +165,9 @@ def hold_back_ms(rate: Rate, draw: float) -> int:
 
 
 @dataclass(slots=True)
-class _Counts:
+class PermitCounts:
+    """The permits one process asked a limiter for: granted (a start) and denied."""
+
     granted: int = 0
     denied: int = 0
 
@@ -183,7 +193,7 @@ class Limits(Middleware):
         #: The limiter of each limited task, by task name.
         self.tasks: dict[str, Limiter] = {}
         #: Permits granted and denied by this process, per limiter name.
-        self.counts: dict[str, _Counts] = {}
+        self.counts: dict[str, PermitCounts] = {}
         self._random = random.Random()
 
     # -- registration -----------------------------------------------------------------------
@@ -284,7 +294,7 @@ class Limits(Middleware):
         limiter = self.tasks.get(context.task_name)
         if limiter is None:
             return
-        counts = self.counts.setdefault(limiter.name, _Counts())
+        counts = self.counts.setdefault(limiter.name, PermitCounts())
         if await self._permit(limiter, context):
             counts.granted += 1
             return
