@@ -49,7 +49,13 @@ def rabbitmq_url() -> str:
 def prefix(request: pytest.FixtureRequest) -> str:
     """A unique queue-name prefix for this test: ``t.<test name>.<random>``."""
     name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name)[:40].strip("-")
-    return f"t.{name}.{uuid.uuid4().hex[:6]}"
+    made = f"t.{name}.{uuid.uuid4().hex[:6]}"
+    _SESSION_PREFIXES.add(made)
+    return made
+
+
+#: Every prefix this session handed out: what the end-of-session sweep may delete.
+_SESSION_PREFIXES: set[str] = set()
 
 
 AppFactory = Callable[..., Cuebx]
@@ -76,6 +82,9 @@ class AppMaker:
 
     def __call__(self, **options: Any) -> Cuebx:
         options.setdefault("connection_name", self.request.node.nodeid)
+        # The test's own exchange: what the app declares later (a delay ladder, a scheduler,
+        # events, limits) is named after it, so nothing is shared with other tests.
+        options.setdefault("exchange", self.request.getfixturevalue("prefix"))
         url = options.pop("url", self.url)
         if self.apps and url.startswith("memory:"):
             # One in-memory broker per test, shared like one RabbitMQ server would be.
@@ -291,19 +300,21 @@ def _broker_names(kind: str) -> set[str] | None:
 
 
 def _ours(name: str) -> bool:
-    # Test prefixes (see `prefix`) and the shared objects of the default exchange "cuebx"
-    # (its delay ladder, scheduler and event exchanges) that a test made.
-    return name.startswith(("t.", "cuebx.")) and name != "cuebx"
+    # Names under a prefix this session handed out (see `prefix`): never another suite's
+    # running on the same broker at the same time.
+    return any(name == p or name.startswith(f"{p}.") for p in _SESSION_PREFIXES)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _remove_what_tests_left(request: pytest.FixtureRequest) -> Iterator[None]:
     """After the session, delete the queues and exchanges tests made and did not delete.
 
-    Each test cleans up after itself; this is the net under that for what a test run in a
-    subprocess, or one that failed half-way, left behind. Only names that did not exist
-    before the session and look like a test's are touched, so a developer's own queues on the
-    same broker are safe.
+    Each test cleans up its queues; this is the net under that for what an app declares on
+    first use (a delay ladder, scheduler queues, event and limit objects, all named after
+    the test's exchange), for exchanges, and for what a subprocess or a test that failed
+    half-way left. Only names that did not exist before the session and start with a prefix
+    this session handed out are touched: a developer's own queues, and those of another test
+    run on the same broker, are safe.
     """
     if not any(item.get_closest_marker("rabbitmq") for item in request.session.items):
         yield  # a run without RabbitMQ: nothing to look at
