@@ -9,6 +9,7 @@ import anyio
 from cuebx import Cuebx, Idempotency
 
 app = Cuebx(
+    exchange=os.environ.get("TEST_EXCHANGE", "cuebx"),
     store=os.environ.get("TEST_STORE", "memory://"),
     connection_name=os.environ.get("TEST_CONNECTION", "idempotency"),
     middleware=[Idempotency(lease=os.environ.get("TEST_LEASE", "1s"))],

@@ -139,6 +139,7 @@ async def test_a_key_held_by_a_sigkilled_worker_frees_itself_when_its_lease_ends
             "TEST_STORE": store,
             "TEST_LEASE": "1s",
             "TEST_QUEUE": f"{prefix}.q",
+            "TEST_EXCHANGE": prefix,  # the producer's (make_rabbit_app names it so)
             "TEST_LEDGER": str(ledger),
             "PYTHONPATH": str(ROOT),
         }
