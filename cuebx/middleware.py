@@ -24,7 +24,7 @@ handler does not run and ``after_handler`` hooks see the signal as the outcome's
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import msgspec
@@ -177,6 +177,17 @@ class Middleware:
     async def after_publish(self, publish: Publish, error: BaseException | None) -> None:
         """Called once the broker confirmed the message (`error` None) or did not."""
 
+    async def after_publish_many(
+        self, publishes: Sequence[Publish], errors: Sequence[BaseException | None]
+    ) -> None:
+        """Called once for a batch (`Task.map`), with each message's error or None.
+
+        By default, ``after_publish`` for each message in turn. Override it to handle the
+        batch at once (a store writing every ``pending`` state in one round trip).
+        """
+        for publish, error in zip(publishes, errors, strict=True):
+            await notify((self.after_publish,), publish, error)
+
     async def on_worker_start(self, worker: WorkerView) -> None:
         """Called when a worker starts, before it consumes."""
 
@@ -209,6 +220,11 @@ class Middleware:
         self, received: Received, reason: DeadLetterReason, error: BaseException | str
     ) -> None:
         """Called once the message is in its dead-letter queue (or dropped, without one)."""
+
+
+def _overrides(middleware: Middleware, hook: str) -> bool:
+    default = getattr(Middleware, hook)
+    return getattr(type(middleware), hook, default) is not default
 
 
 def _overriding(middleware: Iterable[Middleware], hook: str) -> tuple[Any, ...]:
@@ -258,6 +274,13 @@ class Stack:
         self.after_publish: tuple[
             Callable[[Publish, BaseException | None], Awaitable[None]], ...
         ] = tuple(reversed(_overriding(found, "after_publish")))
+        # For a batch: each middleware that handles publishes at all, through its batch hook.
+        batched = {id(m) for m in found if _overrides(m, "after_publish_many")}
+        self.after_publish_many = tuple(
+            m.after_publish_many
+            for m in reversed(found)
+            if id(m) in batched or _overrides(m, "after_publish")
+        )
         self.on_worker_start = _overriding(found, "on_worker_start")
         self.on_worker_stop = tuple(reversed(_overriding(found, "on_worker_stop")))
         self.serve: tuple[Callable[[Any], Awaitable[None]], ...] = _overriding(found, "serve")

@@ -14,8 +14,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import anyio
-
 from cuebx.brokers.base import Broker
 from cuebx.delays import Delays, Ladder, due_us, now_us
 from cuebx.durations import Duration
@@ -267,8 +265,8 @@ class Publisher:
         results = await broker.publish_many(
             exchange, [(p.routing_key, p.message) for p in publishes], window=window
         )
-        if stack.after_publish:
-            await _notify_each(stack, publishes, results, window)
+        if stack.after_publish_many:
+            await notify(stack.after_publish_many, publishes, results)
         handles: list[TaskHandle[Any] | None] = [
             None
             if error is not None
@@ -286,21 +284,3 @@ class Publisher:
         if errors:
             raise BatchPublishError(handles, errors)
         return [h for h in handles if h is not None]
-
-
-async def _notify_each(
-    stack: Stack,
-    publishes: Sequence[Publish],
-    results: Sequence[BaseException | None],
-    window: int,
-) -> None:
-    """Run the ``after_publish`` hooks of a batch, up to `window` messages at a time.
-
-    Concurrently, so that a plug-in that batches its own writes (the status store's
-    ``pending``) writes a batch in one round trip instead of one per message.
-    """
-    pairs = list(zip(publishes, results, strict=True))
-    for start in range(0, len(pairs), max(1, window)):
-        async with anyio.create_task_group() as group:
-            for publish, error in pairs[start : start + window]:
-                group.start_soon(notify, stack.after_publish, publish, error)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -105,6 +105,12 @@ class _Writer:
         await checkpoint()  # let the writes of this turn join
         with anyio.CancelScope(shield=True):
             await self._flush([])
+
+    async def write_many(self, writes: Sequence[StatusWrite]) -> None:
+        """Write records together (a batch's ``pending`` states), waiting for them."""
+        for write in writes:
+            self.write_soon(write)
+        await self.flush_soon()
 
     async def write(self, write: StatusWrite) -> None:
         """Write one record with whatever else is written in this event-loop turn."""
@@ -232,10 +238,30 @@ class Results(Middleware):
     async def after_publish(self, publish: Publish, error: BaseException | None) -> None:
         # An event's id is shared by all its subscribers: there is no one task to track.
         if error is None and not publish.event and self._tracked(publish.task_name):
-            message = publish.message
-            await self._write(
-                message.message_id, message.headers, "pending", task=publish.task_name, attempt=0
-            )
+            await self.writer.write(self._pending(publish))
+
+    async def after_publish_many(
+        self, publishes: Sequence[Publish], errors: Sequence[BaseException | None]
+    ) -> None:
+        """``pending`` for every confirmed message of a batch, in one round trip."""
+        writes = [
+            self._pending(publish)
+            for publish, error in zip(publishes, errors, strict=True)
+            if error is None and not publish.event and self._tracked(publish.task_name)
+        ]
+        if writes:
+            await self.writer.write_many(writes)
+
+    def _pending(self, publish: Publish) -> StatusWrite:
+        message = publish.message
+        data = encode_record("pending", task=publish.task_name, attempt=0, at=time.time())
+        return StatusWrite(
+            message.message_id,
+            generation_of(message.headers),
+            rank_of("pending", 0),
+            data,
+            self.ttl_ms,
+        )
 
     async def before_handler(self, received: Received) -> None:
         # Not waited for: the worker's service (`serve`) flushes it within an event-loop

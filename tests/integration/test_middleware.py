@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import anyio
 import pytest
@@ -308,3 +309,29 @@ async def test_serve_runs_beside_the_consumers_until_the_stop_begins(
     await worker.stop()
     assert journal == [f"serving {queue}", "handler", "service cancelled"]
     assert any("Broken: its serve() failed" in r.getMessage() for r in caplog.records)
+
+
+async def test_map_calls_after_publish_per_message_or_after_publish_many_once(
+    make_app: AppFactory, prefix: str
+) -> None:
+    singles: list[str] = []
+    batches: list[int] = []
+
+    class PerMessage(Middleware):
+        async def after_publish(self, publish: Publish, error: BaseException | None) -> None:
+            singles.append(publish.message.message_id)
+
+    class PerBatch(Middleware):
+        async def after_publish_many(
+            self, publishes: Sequence[Publish], errors: Sequence[BaseException | None]
+        ) -> None:
+            batches.append(len(publishes))
+
+    app = make_app(middleware=[PerMessage(), PerBatch()])
+
+    @app.task(queue=f"{prefix}.batched")
+    async def job(n: int) -> None: ...
+
+    handles = await job.map([(n,) for n in range(5)])
+    assert singles == [h.id for h in handles]
+    assert batches == [5]
