@@ -30,6 +30,7 @@ import inspect
 import os
 import socket
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from wire import (
@@ -68,6 +69,11 @@ class NoOpPlugin(Middleware):
         return None
 
     async def after_publish(self, publish: Publish, error: BaseException | None) -> None:
+        return None
+
+    async def after_publish_many(
+        self, publishes: Sequence[Publish], errors: Sequence[BaseException | None]
+    ) -> None:
         return None
 
     async def on_worker_start(self, worker: WorkerView) -> None:
