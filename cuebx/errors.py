@@ -181,7 +181,8 @@ class TaskFailed(CuebxError):
 
     Attributes:
         task_id: the task's id (its message id).
-        state: ``"failed"`` or ``"dead-lettered"``.
+        state: ``"failed"``, ``"dead-lettered"``, or ``"skipped"`` (an idempotency key that
+            had completed already).
         error_type: the exception's qualified name (``"builtins.ValueError"``), or ``""``
             when it was not an exception (undecodable input, say).
         error: the exception's message, bounded in length.

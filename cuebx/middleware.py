@@ -168,7 +168,7 @@ class Middleware:
 
     Every hook is a coroutine. An exception from ``before_publish`` fails the publish
     (nothing is published); one from another hook is logged on ``cuebx.middleware`` and
-    changes nothing for the message, except `Skip` from ``before_handler``.
+    changes nothing for the message, except `Skip` and `Postpone` from ``before_handler``.
     """
 
     async def before_publish(self, publish: Publish) -> None:
