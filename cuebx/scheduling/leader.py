@@ -54,6 +54,7 @@ from cuebx.scheduling.state import (
     decode,
     encode,
     rank,
+    read_latest,
     state_queue_name,
     status_queue_name,
 )
@@ -387,13 +388,4 @@ class JobLeader:
 
 async def read_status(broker: Broker, queue: str) -> JobStatus | None:
     """Read a job's last status without taking it; None when there is none."""
-    try:
-        found = await broker.peek(queue, 1)
-    except LookupError:
-        return None
-    if not found:
-        return None
-    try:
-        return decode(JobStatus, found[0].body)
-    except msgspec.MsgspecError:
-        return None
+    return await read_latest(broker, queue, JobStatus)

@@ -21,8 +21,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import msgspec
-
 from cuebx.brokers.base import Broker
 from cuebx.message import DeadLetterReason
 from cuebx.middleware import Middleware, Outcome, Received, Skip
@@ -31,8 +29,8 @@ from cuebx.scheduling.state import (
     HEADER_JOB,
     HEADER_SLOT,
     RunMarker,
-    decode,
     encode,
+    read_latest,
     running_queue_name,
 )
 
@@ -43,16 +41,7 @@ logger = logging.getLogger("cuebx.scheduler")
 
 async def read_marker(broker: Broker, queue: str) -> RunMarker | None:
     """Read a job's run marker without taking it (None: no run ever marked)."""
-    try:
-        found = await broker.peek(queue, 1)
-    except LookupError:
-        return None
-    if not found:
-        return None
-    try:
-        return decode(RunMarker, found[0].body)
-    except msgspec.DecodeError:
-        return None  # not ours: the next marker replaces it
+    return await read_latest(broker, queue, RunMarker)
 
 
 async def claim(broker: Broker, exchange: str, job: Job, slot: int, now: float) -> int | None:

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from cuebx.message import OutgoingMessage, new_message_id
 from cuebx.topology import QueueSpec, QueueType, Topology
+
+if TYPE_CHECKING:
+    from cuebx.brokers.base import Broker
 
 __all__ = [
     "HEADER_JOB",
@@ -34,6 +37,7 @@ __all__ = [
     "RunMarker",
     "decode",
     "encode",
+    "read_latest",
     "rank",
     "running_queue_name",
     "state_queue_name",
@@ -200,3 +204,21 @@ def decode(kind: type[T], body: bytes) -> T:
     """
     value: T = _decoders[kind].decode(body)
     return value
+
+
+async def read_latest(broker: Broker, queue: str, kind: type[T]) -> T | None:
+    """Read the message at the head of a one-message state queue without taking it.
+
+    None when the queue does not exist, is empty, or holds something that is not a `kind`
+    (the next write replaces it).
+    """
+    try:
+        found = await broker.peek(queue, 1)
+    except LookupError:
+        return None
+    if not found:
+        return None
+    try:
+        return decode(kind, found[0].body)
+    except msgspec.MsgspecError:
+        return None
