@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import click
 
-from cuebx import __version__, loader
+from cuebx import __version__
 from cuebx.app import Cuebx
 from cuebx.brokers.base import mask_url
 from cuebx.delays import LadderStatus, ladder_status
 from cuebx.durations import label, to_seconds
-from cuebx.errors import AppNotFoundError, CuebxError
+from cuebx.errors import CuebxError
 from cuebx.ops import commands
 from cuebx.ops.http import serve
 from cuebx.ops.logs import LogFormat, configure_logging
@@ -43,12 +43,8 @@ logger = logging.getLogger("cuebx.cli")
 T = TypeVar("T")
 
 
-def load_app(path: str) -> Cuebx:
-    """`cuebx.loader.load_app`, with its errors as one-line click errors."""
-    try:
-        return loader.load_app(path)
-    except AppNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
+# -A's app, with its errors as one-line click errors.
+load_app = commands.load_app
 
 
 _BROKER_URL_HELP = (
@@ -57,15 +53,7 @@ _BROKER_URL_HELP = (
 )
 
 # The app to load, for every command: -A, or CUEBX_APP when -A is not given.
-_app_option = click.option(
-    "-A",
-    "--app",
-    "app_path",
-    required=True,
-    envvar="CUEBX_APP",
-    show_envvar=True,
-    help="module[:attribute] of the app.",
-)
+_app_option = commands.app_option
 
 
 @click.group(

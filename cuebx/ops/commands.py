@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 import click
 
+from cuebx import loader
 from cuebx.errors import AppNotFoundError, CuebxError
-from cuebx.loader import load_app
 from cuebx.ops.diff import TopologyDiff, diff_topology, migration
 from cuebx.ops.dlq import Listing, Report
 from cuebx.ops.records import DeadLetterEntry, decode_body, encode_json, entry_record
@@ -35,7 +35,8 @@ __all__ = ["diff", "dlq", "status_command"]
 
 T = TypeVar("T")
 
-_app_option = click.option(
+# The app to load, for every command (the worker's too): -A, or CUEBX_APP.
+app_option = click.option(
     "-A",
     "--app",
     "app_path",
@@ -63,9 +64,10 @@ def _filters(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
-def _load(app_path: str) -> Cuebx:
+def load_app(path: str) -> Cuebx:
+    """`cuebx.loader.load_app`, with its errors as one-line click errors."""
     try:
-        return load_app(app_path)
+        return loader.load_app(path)
     except AppNotFoundError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -160,7 +162,7 @@ def dlq() -> None:
 
 
 @dlq.command("ls")
-@_app_option
+@app_option
 @click.argument("queue", required=False)
 @_filters
 @click.option("--limit", default=50, show_default=True, help="Messages listed with --messages.")
@@ -178,7 +180,7 @@ def dlq_ls(
     as_json: bool,
 ) -> None:
     """Count dead letters by task and reason: how many, oldest, newest."""
-    app = _load(app_path)
+    app = load_app(app_path)
     with _progress("reading", quiet=as_json) as progress:
         listing = _run(
             app,
@@ -233,13 +235,13 @@ def _show_listing(listing: Listing, *, per_message: bool) -> None:
 
 
 @dlq.command("show")
-@_app_option
+@app_option
 @click.argument("message_id", metavar="ID")
 @click.argument("queue", required=False)
 @_json_option
 def dlq_show(app_path: str, message_id: str, queue: str | None, as_json: bool) -> None:
     """Show one dead letter: headers, decoded arguments, error."""
-    app = _load(app_path)
+    app = load_app(app_path)
     entry = _run(app, lambda: app.dlq.show(message_id, queue))
     arguments, problem = decode_body(entry.content_type, entry.body)
     if as_json:
@@ -282,7 +284,7 @@ def _show_entry(entry: DeadLetterEntry, arguments: Any, problem: str | None) -> 
 
 
 @dlq.command("replay")
-@_app_option
+@app_option
 @click.argument("queue", required=False)
 @_filters
 @click.option("--all", "everything", is_flag=True, help="Replay every message.")
@@ -309,7 +311,7 @@ def dlq_replay(
     x-cuebx-replayed counts the replays. Exits 1 if selected messages were left (their
     queue does not exist, or no origin queue is known).
     """
-    app = _load(app_path)
+    app = load_app(app_path)
     with _progress("replaying", quiet=as_json) as progress:
         report = _run(
             app,
@@ -332,7 +334,7 @@ def dlq_replay(
 
 
 @dlq.command("purge")
-@_app_option
+@app_option
 @click.argument("queue", required=False)
 @_filters
 @click.option("--all", "everything", is_flag=True, help="Purge every message.")
@@ -357,7 +359,7 @@ def dlq_purge(
             "purge deletes dead letters for good: see what it would delete with --dry-run "
             "(export them with `cuebx dlq export`), then run it with --yes"
         )
-    app = _load(app_path)
+    app = load_app(app_path)
     with _progress("purging", quiet=as_json) as progress:
         report = _run(
             app,
@@ -376,7 +378,7 @@ def dlq_purge(
 
 
 @dlq.command("export")
-@_app_option
+@app_option
 @click.argument("file", type=click.Path(dir_okay=False, writable=True))
 @click.argument("queue", required=False)
 @_filters
@@ -392,7 +394,7 @@ def dlq_export(
     as_json: bool,
 ) -> None:
     """Write dead letters to FILE as JSON lines (bodies kept, base64 if not UTF-8)."""
-    app = _load(app_path)
+    app = load_app(app_path)
     with _progress("exporting", quiet=as_json) as progress:
         report = _run(
             app,
@@ -426,7 +428,7 @@ def _show_report(report: Report, *, as_json: bool, file: str | None = None) -> N
 
 
 @click.command("status", context_settings={"help_option_names": ["-h", "--help"]})
-@_app_option
+@app_option
 @click.option("--watch", is_flag=True, help="Refresh until Ctrl-C.")
 @click.option("--interval", default=2.0, show_default=True, help="Seconds between refreshes.")
 @click.option(
@@ -444,7 +446,7 @@ def status_command(
     Needs no management plugin. Unacked counts come from the management API (with
     --management-url), else rabbitmqctl when the broker is on this machine, else n/a.
     """
-    app = _load(app_path)
+    app = load_app(app_path)
     source = unacked_source(app.settings.url, management_url)
 
     async def read() -> Status:
@@ -501,7 +503,7 @@ def _status_table(found: Status) -> Any:
 
 
 @click.command("diff", context_settings={"help_option_names": ["-h", "--help"]})
-@_app_option
+@app_option
 @_json_option
 def diff(app_path: str, as_json: bool) -> None:
     """Compare the broker with what the app declares; exit 1 on any difference.
@@ -510,7 +512,7 @@ def diff(app_path: str, as_json: bool) -> None:
     command prints the migration to run instead. Bindings are not compared (AMQP cannot
     list them; the worker binds at start).
     """
-    app = _load(app_path)
+    app = load_app(app_path)
     found = _run(app, lambda: diff_topology(app.broker, app.topology()))
     if as_json:
         _print_json(found.to_dict())
