@@ -690,15 +690,8 @@ class Worker:
             copy = retry_copy(
                 _outgoing(delivery, context.message_id, context.task_name), decision.attempt
             )
-            moved = await self._forward(delivery, decision.queue, copy, context)
-            if moved and received is not None and self.stack.on_retry:
-                await notify(
-                    self.stack.on_retry,
-                    received,
-                    error,
-                    attempt=decision.attempt,
-                    delay=decision.delay_ms / 1000,
-                )
+            if await self._forward(delivery, decision.queue, copy, context):
+                await self._retried(received, error, decision)
             return
         logger.error(
             "task %s message %s attempt %d failed (%s): %s: %s",
@@ -802,8 +795,14 @@ class Worker:
             _outgoing(delivery, context.message_id, context.task_name), decision.attempt
         )
         due = now_us(self.broker.clock) + decision.delay_ms * 1000
-        moved = await self._delay(queue.name, delivery, copy, context.message_id, due_us=due)
-        if moved and received is not None and self.stack.on_retry:
+        if await self._delay(queue.name, delivery, copy, context.message_id, due_us=due):
+            await self._retried(received, error, decision)
+
+    async def _retried(
+        self, received: Received | None, error: Exception, decision: RetryAfter | RetryThrough
+    ) -> None:
+        """Tell the plug-ins of a retry once its copy is on the broker."""
+        if received is not None and self.stack.on_retry:
             await notify(
                 self.stack.on_retry,
                 received,
