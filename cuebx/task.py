@@ -34,7 +34,7 @@ from cuebx.settings import check_count, check_prefetch, check_queue_type, check_
 from cuebx.topology import QueueRoute, QueueType, retry_queue_name
 
 if TYPE_CHECKING:
-    from cuebx.limits import Limiter
+    from cuebx.rates import Limiter
     from cuebx.status import TaskStatus
 
 __all__ = ["TASK_OPTIONS", "AsyncTask", "Task", "TaskHandle", "TaskOptions", "TaskPublisher"]
