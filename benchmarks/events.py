@@ -303,10 +303,18 @@ def report(config: Config, results: Results) -> dict[str, Any]:
     throughput = {key: statistics.median(rates) for key, rates in results.throughput.items()}
     starts = sorted(results.starts)
     plain, limited = results.drain.get("none"), results.drain.get("1000000/s")
+    rounds = results.throughput
     return {
         "throughput_msg_s": throughput,
+        "throughput_samples": rounds,
         "emit_vs_delay": {
             key: throughput[key] / throughput["delay"] for key in throughput if key != "delay"
+        },
+        # The ratio in each round (the variants of a round ran one right after the other).
+        "emit_vs_delay_per_round": {
+            key: [mine / plain for mine, plain in zip(rates, rounds["delay"], strict=True)]
+            for key, rates in rounds.items()
+            if key != "delay"
         },
         "rate_limit": {
             "limit_per_s": config.rate,
@@ -330,14 +338,29 @@ def report(config: Config, results: Results) -> dict[str, Any]:
 
 def markdown(config: Config, summary: dict[str, Any]) -> str:
     t, ratio = summary["throughput_msg_s"], summary["emit_vs_delay"]
+    samples, per_round = summary["throughput_samples"], summary["emit_vs_delay_per_round"]
     limit, permit = summary["rate_limit"], summary["permit"]
     five = f"emit.{SUBSCRIBERS}"
+
+    def spread(values: list[float], form: str) -> str:
+        return f"({min(values):{form}}-{max(values):{form}})"
+
+    def emitted(key: str) -> str:
+        return (
+            f"{t[key]:,.0f} {spread(samples[key], ',.0f')} msg/s = "
+            f"{ratio[key]:.2f}x {spread(per_round[key], '.2f')}"
+        )
+
     rows = [
-        (f"delay(), 100 concurrent (n={config.n:,})", f"{t['delay']:,.0f} msg/s", ""),
-        ("emit() to 1 subscriber", f"{t['emit.1']:,.0f} msg/s = {ratio['emit.1']:.2f}x", ""),
+        (
+            f"delay(), 100 concurrent (n={config.n:,})",
+            f"{t['delay']:,.0f} {spread(samples['delay'], ',.0f')} msg/s",
+            "median (min-max) of the rounds",
+        ),
+        ("emit() to 1 subscriber", emitted("emit.1"), "ratio: median (per-round range)"),
         (
             f"emit() to {SUBSCRIBERS} subscribers",
-            f"{t[five]:,.0f} msg/s = {ratio[five]:.2f}x ({t[five] * SUBSCRIBERS:,.0f} copies/s)",
+            f"{emitted(five)} ({t[five] * SUBSCRIBERS:,.0f} copies/s)",
             "",
         ),
         (

@@ -65,10 +65,17 @@ class _Batch:
 
 
 class _Writer:
-    """Writes status records in batches; keeps what failed for later. Never raises."""
+    """Writes status records in batches; keeps what failed for later. Never raises.
+
+    One batch is written at a time (group commit): the writes that come while it is on its
+    way wait together and go as the next batch. A lone write waits for nothing, and under
+    load the batches grow by themselves. With two batches in flight, the second one left
+    almost at once with a few writes: 3.5 tasks per Redis call and a drain at 0.70x of
+    untracked, against 6.7 tasks per call and 0.84x with one (benchmarks/results.py).
+    """
 
     def __init__(
-        self, store: Store, *, backlog: int, in_flight: int = 2, pause: float = 1.0
+        self, store: Store, *, backlog: int, in_flight: int = 1, pause: float = 1.0
     ) -> None:
         self.store = store
         self.pause = pause
