@@ -22,7 +22,7 @@ __all__ = [
     "CONTENT_TYPES",
     "ERROR_LIMIT",
     "HEADER_ATTEMPT",
-    "HEADER_DELAY_LEVEL",
+    "HEADER_DELAY_AFTER",
     "HEADER_DELAY_TO",
     "HEADER_ERROR",
     "HEADER_ERROR_TYPE",
@@ -45,6 +45,7 @@ __all__ = [
     "decode_other",
     "encode_other",
     "eta_of",
+    "is_delay_header",
     "header_count",
     "is_model_type",
     "new_message_id",
@@ -68,9 +69,10 @@ HEADER_ETA = "x-cuebx-eta"
 #: exchange matches on it, and RabbitMQ leaves headers starting with ``x-`` out of such
 #: matches: hence no ``x-`` here.
 HEADER_DELAY_TO = "cuebx-delay-to"
-#: The level of the ladder a delayed message waits in first (the highest 1 of its delay in
-#: binary): the ladder's entry, a headers exchange, routes on it.
-HEADER_DELAY_LEVEL = "cuebx-delay-level"
+#: The prefix of the headers that lead a delayed message through the ladder:
+#: ``cuebx-delay-after-<k>: j`` sends it from level k to level j (-1: out of the ladder).
+#: Level k's headers exchange matches on it, so no ``x-`` here either.
+HEADER_DELAY_AFTER = "cuebx-delay-after-"
 
 #: The routing key an event was emitted with (`cuebx.Cuebx.emit`). One event reaches the
 #: queue of every subscriber whose pattern matches, so it names no task: each queue's
@@ -228,7 +230,12 @@ def header_count(value: Any) -> int:
     return 0
 
 
-_LEFT_BEHIND = frozenset({HEADER_REDELIVERIES, HEADER_ETA, HEADER_DELAY_TO, HEADER_DELAY_LEVEL})
+_LEFT_BEHIND = frozenset({HEADER_REDELIVERIES, HEADER_ETA, HEADER_DELAY_TO})
+
+
+def is_delay_header(name: str) -> bool:
+    """Tell whether a header is one of the ladder's ways (``cuebx-delay-after-<k>``)."""
+    return name.startswith(HEADER_DELAY_AFTER)
 
 
 def eta_of(headers: Mapping[str, Any]) -> int | None:
@@ -245,7 +252,9 @@ def retry_copy(message: OutgoingMessage, attempt: int) -> OutgoingMessage:
     A redelivery count is left behind: it belongs to the attempt that ended; so is a delay
     (``x-cuebx-eta``), which was for the attempt that ended.
     """
-    headers = {k: v for k, v in message.headers.items() if k not in _LEFT_BEHIND}
+    headers = {
+        k: v for k, v in message.headers.items() if k not in _LEFT_BEHIND and not is_delay_header(k)
+    }
     headers[HEADER_ATTEMPT] = attempt
     return replace(message, headers=headers)
 

@@ -136,7 +136,8 @@ class Publisher:
         """Publish one message for `task` and wait for its confirm.
 
         With a `countdown` or an `eta`, the message goes to the delay ladder, which holds it
-        until it is due; middleware then sees the ladder's exchange and routing key.
+        until it is due; middleware then sees the default exchange and the name of the ladder's
+        level the message goes to first.
 
         Raises:
             ArgumentsError: the arguments do not fit the task's signature.
@@ -166,8 +167,8 @@ class Publisher:
                     broker, exchange, routing_key, message, task
                 )
         except PublishError:
-            if exchange == self.delays.ladder.entry:
-                self.delays.forget()  # was the ladder deleted? declare it again next time
+            if routing_key != task.queue:  # into the ladder: was it deleted?
+                self.delays.forget()  # declare it again next time
             raise
         return TaskHandle(
             message.message_id, task.name, task.queue, message.correlation_id, self.source, task

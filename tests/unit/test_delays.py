@@ -1,4 +1,4 @@
-"""The delay ladder's pure planning: names, arguments, routing keys, rounding, stamping."""
+"""The delay ladder's pure planning: names, arguments, ways through the levels, rounding."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from cuebx import Cuebx, DelayError
-from cuebx.brokers.memory.exchanges import headers_match, topic_matches
+from cuebx.brokers.memory.exchanges import headers_match
 from cuebx.delays import Delays, Ladder, due_us, now_us
-from cuebx.message import HEADER_DELAY_TO, HEADER_ETA, OutgoingMessage
+from cuebx.message import HEADER_DELAY_TO, HEADER_ETA, OutgoingMessage, retry_copy
 from cuebx.topology import Binding, ExchangeSpec, Topology
 
 #: Four levels of 100 ms: delays of up to 15 units (1.5 s).
@@ -18,27 +18,28 @@ SMALL = Ladder("shop", unit_ms=100, levels=4)
 
 
 @pytest.mark.parametrize(
-    ("units", "key", "hops"),
+    ("units", "hops", "way"),
     [
-        (1, "0.0.0.1", (0,)),
-        (2, "0.0.1.0", (1,)),
-        (5, "0.1.0.1", (2, 0)),
-        (8, "1.0.0.0", (3,)),
-        (15, "1.1.1.1", (3, 2, 1, 0)),
+        (1, (0,), {}),
+        (2, (1,), {"cuebx-delay-after-1": -1}),
+        (5, (2, 0), {"cuebx-delay-after-2": 0}),
+        (8, (3,), {"cuebx-delay-after-3": -1}),
+        (
+            15,
+            (3, 2, 1, 0),
+            {"cuebx-delay-after-3": 2, "cuebx-delay-after-2": 1, "cuebx-delay-after-1": 0},
+        ),
     ],
 )
-def test_a_delay_is_routed_by_its_binary_digits_and_waits_in_the_levels_of_its_set_bits(
-    units: int, key: str, hops: tuple[int, ...]
+def test_a_delay_waits_in_the_levels_of_its_set_bits_and_carries_its_way_in_headers(
+    units: int, hops: tuple[int, ...], way: dict[str, int]
 ) -> None:
-    assert SMALL.routing_key(units) == key
     assert SMALL.hops(units) == hops
     assert sum(SMALL.ttl_ms(k) for k in hops) == units * 100
-
-
-@pytest.mark.parametrize("units", [-1, 16])
-def test_a_routing_key_outside_the_span_is_refused(units: int) -> None:
-    with pytest.raises(ValueError, match=r"outside 0\.\.15"):
-        SMALL.routing_key(units)
+    exchange, key, copy = SMALL.prepare(message({}), "q", due_us=units * 100_000, now_us=0)
+    # Straight to its first level, through the default exchange.
+    assert (exchange, key) == ("", f"shop.delay.{hops[0]}")
+    assert {k: v for k, v in copy.headers.items() if k.startswith("cuebx-delay-after-")} == way
 
 
 def test_the_default_ladder_spans_about_thirteen_years_in_at_most_32_hops() -> None:
@@ -48,7 +49,6 @@ def test_the_default_ladder_spans_about_thirteen_years_in_at_most_32_hops() -> N
     assert 13.5 < ladder.max_delay_ms / (365.25 * 86_400_000) < 13.7
     # Ten minutes at 100 ms: 6000 units, 13 binary digits.
     assert len(ladder.hops(6000)) <= 13
-    assert ladder.routing_key(6000).count(".") == 31
 
 
 @pytest.mark.parametrize(
@@ -90,7 +90,7 @@ def test_the_topology_names_levels_after_the_exchange_with_one_ttl_each() -> Non
         "x-message-ttl": 400,
         "x-dead-letter-exchange": "shop.delay.1",
     }
-    # Level 0 dead-letters to the deliver exchange; no routing key: the key travels on.
+    # Level 0 dead-letters to the deliver exchange.
     assert topology.queue("shop.delay.0").arguments == {
         "x-message-ttl": 100,
         "x-dead-letter-exchange": "shop.delay.deliver",
@@ -101,82 +101,60 @@ def test_the_topology_names_levels_after_the_exchange_with_one_ttl_each() -> Non
         ExchangeSpec(
             "shop.delay.deliver", "headers", {"alternate-exchange": "shop.delay.unroutable"}
         ),
-        # Exchange k takes what leaves level k+1: the top level needs none.
-        ExchangeSpec("shop.delay.0", "topic"),
-        ExchangeSpec("shop.delay.1", "topic"),
-        ExchangeSpec("shop.delay.2", "topic"),
-        ExchangeSpec("shop.delay.enter", "headers"),
+        # Exchange k takes what leaves level k+1: the top level needs none. What matches
+        # no binding (a way cuebx did not stamp) is kept in the unroutable queue.
+        ExchangeSpec("shop.delay.0", "headers", {"alternate-exchange": "shop.delay.unroutable"}),
+        ExchangeSpec("shop.delay.1", "headers", {"alternate-exchange": "shop.delay.unroutable"}),
+        ExchangeSpec("shop.delay.2", "headers", {"alternate-exchange": "shop.delay.unroutable"}),
     )
-    assert SMALL.entry == "shop.delay.enter"
 
 
 @pytest.mark.parametrize(
-    ("exchange", "patterns"),
+    ("exchange", "header", "targets"),
     [
-        # Exchange 2 takes what leaves level 3: the highest 1 decides the queue; all zeros
-        # go to the deliver exchange.
+        # Exchange 2 takes what leaves level 3: its cuebx-delay-after-3 names the next level
+        # (2, 1 or 0), or -1 for the deliver exchange.
         (
             "shop.delay.2",
-            {
-                "*.1.*.*": "shop.delay.2",
-                "*.0.1.*": "shop.delay.1",
-                "*.0.0.1": "shop.delay.0",
-                "*.0.0.0": "shop.delay.deliver",
-            },
+            "cuebx-delay-after-3",
+            {2: "shop.delay.2", 1: "shop.delay.1", 0: "shop.delay.0", -1: "shop.delay.deliver"},
         ),
-        # Exchange 1: what comes from level 2 has digits 3 and 2 spent.
         (
             "shop.delay.1",
-            {"*.*.1.*": "shop.delay.1", "*.*.0.1": "shop.delay.0", "*.*.0.0": "shop.delay.deliver"},
+            "cuebx-delay-after-2",
+            {1: "shop.delay.1", 0: "shop.delay.0", -1: "shop.delay.deliver"},
         ),
-        ("shop.delay.0", {"*.*.*.1": "shop.delay.0", "*.*.*.0": "shop.delay.deliver"}),
+        ("shop.delay.0", "cuebx-delay-after-1", {0: "shop.delay.0", -1: "shop.delay.deliver"}),
     ],
 )
 def test_each_level_sends_a_message_straight_to_the_next_level_it_waits_in(
-    exchange: str, patterns: dict[str, str]
+    exchange: str, header: str, targets: dict[int, str]
 ) -> None:
     bindings = [b for b in SMALL.topology().bindings if b.source == exchange]
-    assert {b.routing_key: b.destination for b in bindings} == patterns
+    assert all(b.arguments["x-match"] == "all" and len(b.arguments) == 2 for b in bindings)
+    assert {b.arguments[header]: b.destination for b in bindings} == targets
     assert all(
         b.destination_type == ("exchange" if b.destination == "shop.delay.deliver" else "queue")
         for b in bindings
     )
 
 
-def test_the_entry_sends_a_message_to_its_first_level_by_its_level_header() -> None:
-    entry = [b for b in SMALL.topology().bindings if b.source == "shop.delay.enter"]
-    assert entry == [
-        Binding(
-            "shop.delay.enter",
-            f"shop.delay.{k}",
-            arguments={"x-match": "all", "cuebx-delay-level": k},
-        )
-        for k in range(4)
-    ]
-    for units, level in ((1, 0), (5, 2), (8, 3), (15, 3)):
-        _, _, copy = SMALL.prepare(message({}), "q", due_us=units * 100_000, now_us=0)
-        assert copy.headers["cuebx-delay-level"] == level
-
-
 @pytest.mark.parametrize("units", range(1, 16))
 def test_every_delay_is_routed_through_the_levels_of_its_set_bits_by_those_bindings(
     units: int,
 ) -> None:
-    """Walk the bindings as RabbitMQ would: publish to the entry, dead-letter down."""
+    """Walk the bindings as RabbitMQ would: publish to the first level, dead-letter down."""
     topology = SMALL.topology()
-    exchanges = {x.name: x.type for x in topology.exchanges}
+    assert all(x.type in ("headers", "fanout") for x in topology.exchanges)
     exchange, key, copy = SMALL.prepare(message({}), "q", due_us=units * 100_000, now_us=0)
-    visited = []
+    assert exchange == ""  # the default exchange: straight to the queue named by the key
+    visited = [int(key.rsplit(".", 1)[1])]
+    exchange = topology.queue(key).arguments["x-dead-letter-exchange"]
     while exchange != SMALL.deliver:
         [binding] = [
             b
             for b in topology.bindings
-            if b.source == exchange
-            and (
-                headers_match(b.arguments, copy.headers)
-                if exchanges[exchange] == "headers"
-                else topic_matches(b.routing_key, key)
-            )
+            if b.source == exchange and headers_match(b.arguments, copy.headers)
         ]
         if binding.destination_type == "exchange":
             exchange = binding.destination
@@ -205,9 +183,8 @@ def test_the_deliver_exchange_matches_each_queue_exactly_and_the_unroutable_catc
         )
         in bindings
     )
-    # One to the unroutable queue, k + 2 from exchange k (0..2), one per level from the
-    # entry, one per destination.
-    assert len(bindings) == 1 + (2 + 3 + 4) + 4 + 2
+    # One to the unroutable queue, k + 2 from exchange k (0..2), one per destination.
+    assert len(bindings) == 1 + (2 + 3 + 4) + 2
 
 
 def test_quorum_levels_dead_letter_at_least_once() -> None:
@@ -248,7 +225,7 @@ def test_a_delayed_copy_keeps_id_attempt_and_trace_headers_and_leaves_broker_one
         }
     )
     exchange, key, copy = SMALL.prepare(original, "emails", due_us=10_250_700, now_us=10_000_000)
-    assert (exchange, key) == ("shop.delay.enter", "0.0.1.1")
+    assert (exchange, key) == ("", "shop.delay.1")
     assert copy.headers == {
         "x-cuebx-task": "remind",
         "x-retry-attempt": 2,
@@ -257,7 +234,8 @@ def test_a_delayed_copy_keeps_id_attempt_and_trace_headers_and_leaves_broker_one
         "tenant": "a",
         HEADER_ETA: 10_250,  # whole ms, floored: never after the ladder delivers it
         HEADER_DELAY_TO: "emails",
-        "cuebx-delay-level": 1,  # 3 units: its first level is 1
+        # 3 units: level 1, then level 0, which leaves the ladder by itself.
+        "cuebx-delay-after-1": 0,
     }
     assert (copy.body, copy.message_id, copy.correlation_id, copy.priority) == (
         original.body,
@@ -267,9 +245,23 @@ def test_a_delayed_copy_keeps_id_attempt_and_trace_headers_and_leaves_broker_one
     )
 
 
+def test_a_message_sent_down_again_carries_only_its_new_way() -> None:
+    # 13 units: levels 3, 2, 0. Sent down again for 2 units: level 1 alone.
+    _, _, first = SMALL.prepare(message({}), "q", due_us=1_300_000, now_us=0)
+    assert first.headers["cuebx-delay-after-3"] == 2
+    _, key, again = SMALL.prepare(first, "q", due_us=1_500_000, now_us=1_300_000)
+    assert key == "shop.delay.1"
+    assert {k: v for k, v in again.headers.items() if k.startswith("cuebx-delay-")} == {
+        "cuebx-delay-to": "q",
+        "cuebx-delay-after-1": -1,
+    }
+    # A retry of it carries no way at all: it goes to its queue or down a new one.
+    assert not any(k.startswith("cuebx-delay-after-") for k in retry_copy(first, 1).headers)
+
+
 def test_a_delay_beyond_the_span_goes_down_for_the_longest_and_nothing_due_goes_straight() -> None:
     exchange, key, copy = SMALL.prepare(message({}), "emails", due_us=99_000_000, now_us=0)
-    assert (exchange, key, copy.headers[HEADER_ETA]) == ("shop.delay.enter", "1.1.1.1", 99_000)
+    assert (exchange, key, copy.headers[HEADER_ETA]) == ("", "shop.delay.3", 99_000)
     original = message({"x-death": []})
     assert SMALL.prepare(original, "emails", due_us=5, now_us=10) == ("", "emails", original)
 
