@@ -49,7 +49,7 @@ from harness import (
     Rabbit,
     cuebx_worker,
     iter_lanes,
-    run_loop,
+    run_or_exit,
     stop_all_children,
     wait_until,
 )
@@ -476,14 +476,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     started = time.monotonic()
     load_start = os.getloadavg()
-    try:
-        results: Results = run_loop(main_async(config))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: workers stopped, queues deleted", file=sys.stderr)
-        return 130
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    results: Results = run_or_exit(
+        main_async(config), interrupted="interrupted: workers stopped, queues deleted"
+    )
     summary = report(config, results.unit_ms, results)
     summary["config"] = {k: v for k, v in vars(config).items() if k != "url"}
     summary["loadavg"] = [load_start, os.getloadavg()]

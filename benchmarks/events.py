@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import BENCH_DIR, BenchmarkError, Rabbit, iter_lanes, run_loop, wait_until
+from harness import BENCH_DIR, BenchmarkError, Rabbit, iter_lanes, run_or_exit, wait_until
 
 from cuebx import Cuebx, Task, TaskContext
 from cuebx.topology import ExchangeSpec, Topology
@@ -419,14 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     started = time.monotonic()
     load_start = os.getloadavg()
-    try:
-        results: Results = run_loop(main_async(config))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: queues deleted", file=sys.stderr)
-        return 130
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    results: Results = run_or_exit(main_async(config), interrupted="interrupted: queues deleted")
     summary = report(config, results)
     summary["config"] = {k: v for k, v in vars(config).items() if k != "url"}
     summary["loadavg"] = [load_start, os.getloadavg()]

@@ -486,6 +486,22 @@ def iter_lanes(count: int, lanes: int) -> Iterator[range]:
         start = stop
 
 
+def run_or_exit(main: Awaitable[Any], *, interrupted: str) -> Any:
+    """Run a benchmark's `main` (`run_loop`); end the process on Ctrl-C or a failure.
+
+    Ctrl-C says `interrupted` (what was cleaned up) and exits 130; a `BenchmarkError` says
+    what did not happen and exits 1.
+    """
+    try:
+        return run_loop(main)
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print(interrupted, file=sys.stderr)
+        raise SystemExit(130) from None
+    except BenchmarkError as exc:
+        print(f"benchmark failed: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
 def run_loop(main: Awaitable[Any]) -> Any:
     """Run `main` on uvloop when it is installed (as ``cuebx worker`` does), else asyncio."""
     try:

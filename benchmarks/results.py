@@ -33,13 +33,12 @@ from typing import Any
 
 from bench_app import build_app
 from harness import (
-    BenchmarkError,
     Collector,
     FloorPublisher,
     Rabbit,
     cuebx_worker,
     iter_lanes,
-    run_loop,
+    run_or_exit,
     stop_all_children,
     wait_until,
 )
@@ -265,11 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2_000, help="calls per concurrency level")
     parser.add_argument("--url", default=None, help="RabbitMQ URL (else CUEBX_BROKER_URL)")
     args = parser.parse_args(argv)
-    try:
-        results = run_loop(main_async(args))
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    results = run_or_exit(
+        main_async(args), interrupted="interrupted: workers stopped, stores and queues deleted"
+    )
     print(report(results, args))
     return 0
 

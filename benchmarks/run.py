@@ -45,7 +45,7 @@ from harness import (
     io_wait_us,
     iter_lanes,
     quiet_disk,
-    run_loop,
+    run_or_exit,
     stop_all_children,
     wait_until,
 )
@@ -819,14 +819,9 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     meta = machine()
     started = time.monotonic()
-    try:
-        bench: Bench = run_loop(main_async(config))
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        print("interrupted: workers stopped, queues deleted", file=sys.stderr)
-        return 130
-    except BenchmarkError as exc:
-        print(f"benchmark failed: {exc}", file=sys.stderr)
-        return 1
+    bench: Bench = run_or_exit(
+        main_async(config), interrupted="interrupted: workers stopped, queues deleted"
+    )
     meta["loadavg_end"] = os.getloadavg()
     meta["io_pressure_end"] = io_pressure()
     meta["duration_s"] = round(time.monotonic() - started, 1)
