@@ -338,8 +338,8 @@ class DeadLetters:
         if target is None:
             return "no origin queue known (give a target queue)"
         if target.startswith(f"{self.topology.exchange}.delay."):
-            # A level dead-letters by routing key to the next level: a message put in it
-            # from outside matches no binding there and is dropped.
+            # A message put into a level from outside carries no way cuebx wrote for it (or
+            # a stale one): it would leave that level for the unroutable queue, or go astray.
             return f"{target!r} is a delay level (give a target queue)"
         if target not in exists:
             exists[target] = await self.broker.queue_state(target) is not None
