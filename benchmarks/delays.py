@@ -43,12 +43,14 @@ from typing import Any
 from bench_app import build_app
 from harness import (
     BENCH_DIR,
+    DEFAULT_URL,
     BenchmarkError,
     Child,
     Collector,
     Rabbit,
     cuebx_worker,
-    iter_lanes,
+    in_lanes,
+    markdown_table,
     run_or_exit,
     stop_all_children,
     wait_until,
@@ -59,7 +61,6 @@ from cuebx import Cuebx, Task
 from cuebx.delays import Ladder
 from cuebx.topology import ExchangeSpec, Topology
 
-CONCURRENCY = 100
 PREFETCH = 100
 PARKED = 3600.0  # seconds: the throughput benchmark's delayed messages wait this long
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -117,16 +118,6 @@ def cpu_seconds(pid: int) -> float:
 # -- publishing -------------------------------------------------------------------------------
 
 
-async def lanes(count: int, publish: Callable[[int], Awaitable[Any]]) -> None:
-    async def lane(numbers: range) -> None:
-        for i in numbers:
-            await publish(i)
-
-    async with asyncio.TaskGroup() as group:
-        for numbers in iter_lanes(count, CONCURRENCY):
-            group.create_task(lane(numbers))
-
-
 async def ladder_count(rabbit: Rabbit, ladder: Ladder) -> int:
     total = 0
     for k in range(ladder.levels):
@@ -149,11 +140,11 @@ async def throughput(
     queue = enqueue_queue(app.settings.exchange)
     n, awaited_n = config.publish_n, max(100, config.publish_n // 5)
     variants: list[tuple[str, int, Callable[[], Awaitable[Any]]]] = [
-        ("plain.concurrent", n, lambda: lanes(n, lambda i: noop.delay(i, 0.0))),
+        ("plain.concurrent", n, lambda: in_lanes(n, lambda i: noop.delay(i, 0.0))),
         (
             "delayed.concurrent",
             n,
-            lambda: lanes(n, lambda i: noop.apply_async(args=(i, 0.0), countdown=PARKED)),
+            lambda: in_lanes(n, lambda i: noop.apply_async(args=(i, 0.0), countdown=PARKED)),
         ),
         ("plain.awaited", awaited_n, lambda: _one_by_one(awaited_n, noop, delayed=False)),
         ("delayed.awaited", awaited_n, lambda: _one_by_one(awaited_n, noop, delayed=True)),
@@ -224,7 +215,7 @@ async def lateness(
 
     sampler = asyncio.create_task(_sample_rss(child, results))
     try:
-        await lanes(config.n, publish)
+        await in_lanes(config.n, publish)
         await wait_until(
             collector.complete,
             within=config.spread + 60 + config.n / 100,
@@ -269,7 +260,7 @@ async def plain_control(
     beam_before, worker_before = cpu_seconds(beam), child.cpu_seconds()
     started = time.perf_counter()
     try:
-        await lanes(config.n, lambda i: work.delay(i, time.time()))
+        await in_lanes(config.n, lambda i: work.delay(i, time.time()))
         await wait_until(
             collector.complete,
             within=60 + config.n / 100,
@@ -439,9 +430,7 @@ def markdown(config: Config, summary: dict[str, Any]) -> str:
             "",
         ),
     ]
-    lines = ["| measure | value | goal |", "| --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
+    return markdown_table(("measure", "value", "goal"), rows)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -451,9 +440,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument("--publish-n", type=int, help="messages per throughput variant (5000)")
     parser.add_argument("--repeats", type=int, help="throughput rounds (3)")
     parser.add_argument("--quick", action="store_true", help="n=1000, spread 10 s, 1 round")
-    parser.add_argument(
-        "--url", default=os.environ.get("CUEBX_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    )
+    parser.add_argument("--url", default=DEFAULT_URL)
     parser.add_argument(
         "--node", help="the RabbitMQ node behind --url, for its CPU (rabbitmqctl -n); its default"
     )

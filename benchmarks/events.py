@@ -27,7 +27,6 @@ or Ctrl-C. See benchmarks/README.md.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import statistics
@@ -38,12 +37,20 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness import BENCH_DIR, BenchmarkError, Rabbit, iter_lanes, run_or_exit, wait_until
+from harness import (
+    BENCH_DIR,
+    DEFAULT_URL,
+    BenchmarkError,
+    Rabbit,
+    in_lanes,
+    markdown_table,
+    run_or_exit,
+    wait_until,
+)
 
 from cuebx import Cuebx, Task, TaskContext
 from cuebx.topology import ExchangeSpec, Topology
 
-CONCURRENCY = 100
 PREFETCH = 100
 SUBSCRIBERS = 5
 
@@ -122,16 +129,6 @@ def _time_permits(broker: Any, results: Results) -> None:
 # -- emit throughput ----------------------------------------------------------------------------
 
 
-async def lanes(count: int, publish: Callable[[int], Awaitable[Any]]) -> None:
-    async def lane(numbers: range) -> None:
-        for i in numbers:
-            await publish(i)
-
-    async with asyncio.TaskGroup() as group:
-        for numbers in iter_lanes(count, CONCURRENCY):
-            group.create_task(lane(numbers))
-
-
 async def throughput(
     config: Config, app: Cuebx, rabbit: Rabbit, results: Results, round_: int
 ) -> None:
@@ -139,12 +136,12 @@ async def throughput(
     prefix, n = app.settings.exchange, config.n
     noop: Task[Any, Any] = app.tasks["noop"]
     variants: list[tuple[str, list[str], Callable[[], Awaitable[Any]]]] = [
-        ("delay", [f"{prefix}.tasks"], lambda: lanes(n, noop.delay)),
-        ("emit.1", [f"{prefix}.one"], lambda: lanes(n, lambda i: app.emit("one.happened", i))),
+        ("delay", [f"{prefix}.tasks"], lambda: in_lanes(n, noop.delay)),
+        ("emit.1", [f"{prefix}.one"], lambda: in_lanes(n, lambda i: app.emit("one.happened", i))),
         (
             f"emit.{SUBSCRIBERS}",
             [f"{prefix}.five.{k}" for k in range(SUBSCRIBERS)],
-            lambda: lanes(n, lambda i: app.emit("five.happened", i)),
+            lambda: in_lanes(n, lambda i: app.emit("five.happened", i)),
         ),
     ]
     shift = round_ % len(variants)
@@ -172,7 +169,7 @@ async def drain(
     task: Task[Any, Any] = apps[0].tasks["limited"]
     await apps[0].connect()
     await apps[0].delays.declare(apps[0].broker)  # before anything is timed
-    await lanes(count, task.delay)
+    await in_lanes(count, task.delay)
     results.starts.clear()
     results.permits.clear()
     started = time.perf_counter()
@@ -384,9 +381,7 @@ def markdown(config: Config, summary: dict[str, Any]) -> str:
             else "",
         ),
     ]
-    lines = ["| measure | value | note |", "| --- | --- | --- |"]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    return "\n".join(lines)
+    return markdown_table(("measure", "value", "note"), rows)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -397,9 +392,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument("--backlog", type=int, help="messages the rate limit drains (5000)")
     parser.add_argument("--workers", type=int, help="worker apps draining the backlog (2)")
     parser.add_argument("--quick", action="store_true", help="n=1000, backlog 2000, 1 round")
-    parser.add_argument(
-        "--url", default=os.environ.get("CUEBX_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    )
+    parser.add_argument("--url", default=DEFAULT_URL)
     options = parser.parse_args(argv)
     quick = options.quick
     config = Config(

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -474,6 +474,63 @@ class FloorPublisher:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(10):
                 await self.connection.close()
+
+
+#: The broker every benchmark uses unless told otherwise (``--url``).
+DEFAULT_URL = os.environ.get("CUEBX_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+#: Concurrent publishers, by default: the "100 concurrent callers" of the reports.
+LANES = 100
+
+
+async def in_lanes(
+    count: int, publish: Callable[[int], Awaitable[Any]], lanes: int = LANES
+) -> None:
+    """Call ``publish(i)`` for every i in ``range(count)`` from `lanes` concurrent loops."""
+
+    async def lane(numbers: range) -> None:
+        for i in numbers:
+            await publish(i)
+
+    async with asyncio.TaskGroup() as group:
+        for numbers in iter_lanes(count, lanes):
+            group.create_task(lane(numbers))
+
+
+async def within(seconds: float, what: str, work: Awaitable[Any]) -> Any:
+    """Await `work`, failing after `seconds` with a message naming `what`."""
+    try:
+        async with asyncio.timeout(seconds):
+            return await work
+    except TimeoutError:
+        raise BenchmarkError(f"timed out after {seconds:g}s: {what}") from None
+
+
+def publish_budget(n: int) -> float:
+    """Seconds allowed for publishing `n` messages: generous, assumes at least 50 msg/s."""
+    return 60.0 + n / 50.0
+
+
+async def preload(rabbit: Rabbit, floor: FloorPublisher, queue: str, task: str, n: int) -> None:
+    """Fill `queue` with `n` messages of `task` (the bytes cuebx sends), and wait for them."""
+    await rabbit.purge(queue)
+    await within(
+        publish_budget(n),
+        f"preloading {n} messages into {queue}",
+        in_lanes(n, lambda i: floor.publish(queue, task, i, 0.0)),
+    )
+
+    async def loaded() -> bool:
+        ready, _ = await rabbit.counts(queue)
+        return ready == n
+
+    await wait_until(loaded, within=60, what=f"{n} ready messages in {queue}")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Render a report's rows as a Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def iter_lanes(count: int, lanes: int) -> Iterator[range]:

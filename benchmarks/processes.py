@@ -31,13 +31,14 @@ from typing import Any
 
 from harness import (
     BENCH_DIR,
+    DEFAULT_URL,
     VENV_BIN,
     BenchmarkError,
     Child,
     Collector,
     FloorPublisher,
     Rabbit,
-    iter_lanes,
+    preload,
     quiet_disk,
     run_loop,
     stop_all_children,
@@ -94,25 +95,6 @@ class Run:
         return Child(f"cuebx worker --processes {processes}", argv, env)
 
 
-async def preload(run: Run, queue: str, task: str, n: int) -> None:
-    """Fill `queue` with `n` messages of `task` (the bytes cuebx sends)."""
-    await run.rabbit.purge(queue)
-
-    async def lane(numbers: range) -> None:
-        for i in numbers:
-            await run.floor.publish(queue, task, i, 0.0)
-
-    async with asyncio.timeout(60 + n / 50), asyncio.TaskGroup() as group:
-        for numbers in iter_lanes(n, 100):
-            group.create_task(lane(numbers))
-
-    async def loaded() -> bool:
-        ready, _ = await run.rabbit.counts(queue)
-        return ready == n
-
-    await wait_until(loaded, within=30, what=f"{n} ready messages in {queue}")
-
-
 async def measure(run: Run, benchmark: str, processes: int) -> float:
     """Preload, start the worker, and return msg/s from the moment every consumer is there.
 
@@ -123,7 +105,7 @@ async def measure(run: Run, benchmark: str, processes: int) -> float:
     cpu = benchmark == "cpu"
     queue = spin_queue(run.prefix) if cpu else work_queue(run.prefix)
     n = config.cpu_n if cpu else config.n
-    await preload(run, queue, "spin" if cpu else "work", n)
+    await preload(run.rabbit, run.floor, queue, "spin" if cpu else "work", n)
     await quiet_disk()
     run.collector.arm(range(n))
     child = run.worker(processes, queue, config.cpu_prefetch if cpu else config.prefetch)
@@ -260,9 +242,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--spin", type=int, default=DEFAULT_SPIN, help="loop iterations per CPU task"
     )
-    parser.add_argument(
-        "--url", default=os.environ.get("CUEBX_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    )
+    parser.add_argument("--url", default=DEFAULT_URL)
     options = parser.parse_args(argv)
     return Config(
         url=options.url,

@@ -33,6 +33,7 @@ from pathlib import Path
 from bench_app import build_app
 from harness import (
     BENCH_DIR,
+    DEFAULT_URL,
     VENV_BIN,
     BenchmarkError,
     Collector,
@@ -40,17 +41,20 @@ from harness import (
     Rabbit,
     cuebx_worker,
     floor_consumer,
-    iter_lanes,
+    in_lanes,
+    preload,
+    publish_budget,
     run_loop,
     stop_all_children,
     wait_until,
+    within,
 )
 from wire import enqueue_queue, work_queue
 
 from cuebx import Cuebx
 
 RESULTS = BENCH_DIR / "results"
-URL = "amqp://guest:guest@127.0.0.1:5672/"
+URL = DEFAULT_URL
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
 
 # -- py-spy -----------------------------------------------------------------------------------
@@ -175,9 +179,7 @@ async def profile_drain(n: int, rate: int, *, floor_side: bool) -> Path:
         await app.connect()
         floor = await FloorPublisher.connect(URL, prefix)
         queue = work_queue(prefix)
-        async with asyncio.timeout(60 + n / 50), asyncio.TaskGroup() as group:
-            for lane in iter_lanes(n, 100):
-                group.create_task(_publish_lane(floor, queue, lane))
+        await preload(rabbit, floor, queue, "work", n)
         collector.arm(range(n))
         start = floor_consumer if floor_side else cuebx_worker
         child = start([queue], prefix=prefix, udp=collector.address, url=URL, prefetch=100)
@@ -200,11 +202,6 @@ async def profile_drain(n: int, rate: int, *, floor_side: bool) -> Path:
         await _clean_up(app, rabbit, floor, prefix)
         collector.stop()
     return out
-
-
-async def _publish_lane(floor: FloorPublisher, queue: str, numbers: range) -> None:
-    for i in numbers:
-        await floor.publish(queue, "work", i, 0.0)
 
 
 # -- enqueue ------------------------------------------------------------------------------------
@@ -264,16 +261,13 @@ async def child_enqueue(prefix: str, n: int, *, floor_side: bool) -> None:
         await loop.run_in_executor(None, sys.stdin.readline)
     started = time.perf_counter()
 
-    async def lane(numbers: range) -> None:
-        for i in numbers:
-            if floor is not None:
-                await floor.publish(queue, "noop", i, 0.0)
-            else:
-                await noop.delay(i, 0.0)
+    async def publish(i: int) -> None:
+        if floor is not None:
+            await floor.publish(queue, "noop", i, 0.0)
+        else:
+            await noop.delay(i, 0.0)
 
-    async with asyncio.timeout(60 + n / 50), asyncio.TaskGroup() as group:
-        for numbers in iter_lanes(n, 100):
-            group.create_task(lane(numbers))
+    await within(publish_budget(n), f"publishing {n} messages", in_lanes(n, publish))
     elapsed = time.perf_counter() - started
     print(f"{n / elapsed:.0f} msg/s under py-spy", file=sys.stderr)
     print("done", flush=True)

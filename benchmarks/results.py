@@ -33,11 +33,13 @@ from typing import Any
 
 from bench_app import build_app
 from harness import (
+    DEFAULT_URL,
     Collector,
     FloorPublisher,
     Rabbit,
     cuebx_worker,
     iter_lanes,
+    preload,
     run_or_exit,
     stop_all_children,
     wait_until,
@@ -60,22 +62,6 @@ def _stores(prefix: str) -> dict[str, str]:
     }
 
 
-async def _preload(rabbit: Rabbit, floor: FloorPublisher, queue: str, n: int) -> None:
-    await rabbit.purge(queue)
-
-    async def lane(numbers: range) -> None:
-        for i in numbers:
-            await floor.publish(queue, "work", i, 0.0)
-
-    await asyncio.gather(*(lane(r) for r in iter_lanes(n, 100)))
-
-    async def loaded() -> bool:
-        ready, _ = await rabbit.counts(queue)
-        return ready == n
-
-    await wait_until(loaded, within=60, what=f"{n} ready messages in {queue}")
-
-
 async def _drain(
     side: str,
     store: str,
@@ -89,7 +75,7 @@ async def _drain(
 ) -> tuple[float, float]:
     """Drain n messages with one worker on `store`; return (msg/s, CPU µs per message)."""
     queue = work_queue(prefix)
-    await _preload(rabbit, floor, queue, n)
+    await preload(rabbit, floor, queue, "work", n)
     cpu_at_first: list[float] = []
     holder: list[Any] = []
     collector.arm(
@@ -158,7 +144,7 @@ async def _cleanup_stores(stores: dict[str, str]) -> None:
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    url = args.url or os.environ.get("CUEBX_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    url = args.url or DEFAULT_URL
     prefix = f"bench.{uuid.uuid4().hex[:12]}"
     stores = _stores(prefix)
     rabbit = await Rabbit.connect(url, f"cuebx results benchmark {prefix}")

@@ -35,6 +35,8 @@ from typing import Any, Literal, get_args
 from bench_app import build_app
 from harness import (
     BENCH_DIR,
+    DEFAULT_URL,
+    LANES,
     BenchmarkError,
     Child,
     Collector,
@@ -42,12 +44,15 @@ from harness import (
     Rabbit,
     cuebx_worker,
     floor_consumer,
+    in_lanes,
     io_wait_us,
-    iter_lanes,
+    preload,
+    publish_budget,
     quiet_disk,
     run_or_exit,
     stop_all_children,
     wait_until,
+    within,
 )
 from wire import enqueue_queue, idle_queues, work_queue
 
@@ -58,7 +63,7 @@ BENCHMARKS = ("enqueue", "drain", "latency", "idle")
 Side = Literal["cuebx", "plugin", "floor"]
 SIDES: tuple[Side, ...] = get_args(Side)
 
-CONCURRENCY = 100  # concurrent delay() callers / floor publishers
+CONCURRENCY = LANES  # concurrent delay() callers / floor publishers
 MAP_WINDOW = 256  # Task.map's default window
 PREFETCH = 100  # drain and latency workers
 LATENCY_RATE = 500  # messages per second
@@ -242,31 +247,7 @@ class Bench:
         return cuebx_worker(queues, prefetch=prefetch, plugin=side == "plugin", **where)
 
 
-async def within(seconds: float, what: str, work: Awaitable[Any]) -> Any:
-    """Await `work`, failing after `seconds` with a message naming `what`."""
-    try:
-        async with asyncio.timeout(seconds):
-            return await work
-    except TimeoutError:
-        raise BenchmarkError(f"timed out after {seconds:g}s: {what}") from None
-
-
-def publish_budget(n: int) -> float:
-    """Seconds allowed for publishing `n` messages: generous, assumes at least 50 msg/s."""
-    return 60.0 + n / 50.0
-
-
 # -- enqueue ----------------------------------------------------------------------------------
-
-
-async def _lanes(count: int, publish: Callable[[int], Awaitable[Any]]) -> None:
-    async def lane(numbers: range) -> None:
-        for i in numbers:
-            await publish(i)
-
-    async with asyncio.TaskGroup() as group:
-        for numbers in iter_lanes(count, CONCURRENCY):
-            group.create_task(lane(numbers))
 
 
 async def _enqueue_variant(
@@ -299,7 +280,7 @@ def _cuebx_publishers(noop: Task[Any, Any], n: int, awaited_n: int) -> Publisher
 
     return {
         "enqueue.awaited": awaited,
-        "enqueue.concurrent": lambda: _lanes(n, lambda i: noop.delay(i, 0.0)),
+        "enqueue.concurrent": lambda: in_lanes(n, lambda i: noop.delay(i, 0.0)),
         "enqueue.map": lambda: noop.map(items),
     }
 
@@ -310,7 +291,7 @@ def _floor_publishers(floor: FloorPublisher, queue: str, n: int, awaited_n: int)
             await floor.publish(queue, "noop", i, 0.0)
 
     def pipelined() -> Awaitable[None]:
-        return _lanes(n, lambda i: floor.publish(queue, "noop", i, 0.0))
+        return in_lanes(n, lambda i: floor.publish(queue, "noop", i, 0.0))
 
     return {"enqueue.awaited": awaited, "enqueue.concurrent": pipelined, "enqueue.map": pipelined}
 
@@ -339,27 +320,11 @@ async def bench_enqueue(bench: Bench, order: tuple[Side, ...]) -> None:
 # -- drain ------------------------------------------------------------------------------------
 
 
-async def preload(bench: Bench, queue: str, n: int) -> None:
-    """Fill `queue` with `n` ``work`` messages (floor publisher, cuebx's bytes)."""
-    await bench.rabbit.purge(queue)
-    await within(
-        publish_budget(n),
-        f"preloading {n} messages into {queue}",
-        _lanes(n, lambda i: bench.floor.publish(queue, "work", i, 0.0)),
-    )
-
-    async def loaded() -> bool:
-        ready, _ = await bench.rabbit.counts(queue)
-        return ready == n
-
-    await wait_until(loaded, within=30, what=f"{n} ready messages in {queue}")
-
-
 async def drain_once(bench: Bench, side: Side) -> None:
     """Start a worker on a preloaded queue; time it until every message was handled."""
     n = bench.config.n
     queue = work_queue(bench.prefix)
-    await preload(bench, queue, n)
+    await preload(bench.rabbit, bench.floor, queue, "work", n)
     await bench.settle(f"drain ({side})")
     holder: list[Child] = []
     cpu_at_first: list[float] = []
@@ -789,7 +754,7 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser.add_argument("--quick", action="store_true", help="n=2000, 1 repeat, 3 s latency")
     parser.add_argument(
         "--url",
-        default=os.environ.get("CUEBX_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/"),
+        default=DEFAULT_URL,
     )
     options = parser.parse_args(argv)
     only = tuple(name.strip() for name in options.only.split(",") if name.strip())

@@ -39,7 +39,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 import anyio
@@ -48,13 +47,12 @@ import msgspec
 from cuebx.brokers.base import Broker
 from cuebx.errors import ArgumentsError, ConfigurationError, PublishError, UnroutableError
 from cuebx.message import (
-    HEADER_ATTEMPT,
     HEADER_EVENT,
     SERIALIZERS,
     Codec,
     OutgoingMessage,
     codec_for,
-    new_message_id,
+    first_message,
 )
 from cuebx.middleware import Publish, Stack, notify
 from cuebx.settings import Settings, check_count
@@ -346,17 +344,13 @@ class Events:
                 f"{where}: the encoded payload is {len(body)} bytes, over max_message_size "
                 f"({settings.max_message_size} bytes); emit a reference (a URL, a key) instead"
             )
-        message_id = message_id or new_message_id()
-        all_headers: dict[str, Any] = dict(headers) if headers else {}
-        all_headers[HEADER_EVENT] = routing_key
-        all_headers[HEADER_ATTEMPT] = 0
-        return OutgoingMessage(
-            body=body,
+        return first_message(
+            body,
+            settings.codec.content_type,
+            headers,
+            (HEADER_EVENT, routing_key),
             message_id=message_id,
-            correlation_id=correlation_id or message_id,
-            content_type=settings.codec.content_type,
-            headers=all_headers,
-            timestamp=datetime.now(UTC),
+            correlation_id=correlation_id,
             priority=priority,
         )
 

@@ -45,6 +45,7 @@ __all__ = [
     "decode_other",
     "encode_other",
     "eta_of",
+    "first_message",
     "is_delay_header",
     "header_count",
     "is_model_type",
@@ -305,6 +306,38 @@ def replay_copy(message: OutgoingMessage) -> OutgoingMessage:
 # A random 128-bit number with the version (4) and variant bits of a UUID4 put in place.
 _UUID4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
 _UUID4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def first_message(
+    body: bytes,
+    content_type: str,
+    headers: Mapping[str, Any] | None,
+    mark: tuple[str, str],
+    *,
+    message_id: str | None = None,
+    correlation_id: str | None = None,
+    priority: int | None = None,
+    reply_to: str | None = None,
+) -> OutgoingMessage:
+    """A message as first published: attempt 0, a new id unless given, stamped now.
+
+    `mark` is the header that says what it is for (``x-cuebx-task``, ``x-cuebx-event``);
+    `headers` are the caller's own, copied.
+    """
+    message_id = message_id or new_message_id()
+    all_headers: dict[str, Any] = dict(headers) if headers else {}
+    all_headers[mark[0]] = mark[1]
+    all_headers[HEADER_ATTEMPT] = 0
+    return OutgoingMessage(
+        body=body,
+        message_id=message_id,
+        correlation_id=correlation_id or message_id,
+        content_type=content_type,
+        headers=all_headers,
+        timestamp=datetime.now(UTC),
+        priority=priority,
+        reply_to=reply_to,
+    )
 
 
 def new_message_id() -> str:

@@ -11,14 +11,14 @@ of the app's exchange.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 from cuebx.brokers.base import Broker
 from cuebx.delays import Delays, Ladder, due_us, now_us
 from cuebx.durations import Duration
 from cuebx.errors import ArgumentsError, BatchPublishError, PublishError
-from cuebx.message import HEADER_ATTEMPT, HEADER_TASK, OutgoingMessage, new_message_id
+from cuebx.message import HEADER_TASK, OutgoingMessage, first_message
 from cuebx.middleware import Publish, Stack, notify
 from cuebx.rpc import Caller
 from cuebx.settings import Settings
@@ -94,17 +94,13 @@ class Publisher:
                 "would dead-letter the message as too-large; pass a reference (a URL, a key) "
                 "instead of the data, or raise max_message_size on every app of the queue"
             )
-        message_id = message_id or new_message_id()
-        all_headers: dict[str, Any] = dict(headers) if headers else {}
-        all_headers[HEADER_TASK] = task.name
-        all_headers[HEADER_ATTEMPT] = 0
-        return OutgoingMessage(
-            body=body,
+        return first_message(
+            body,
+            settings.codec.content_type,
+            headers,
+            (HEADER_TASK, task.name),
             message_id=message_id,
-            correlation_id=correlation_id or message_id,
-            content_type=settings.codec.content_type,
-            headers=all_headers,
-            timestamp=datetime.now(UTC),
+            correlation_id=correlation_id,
             priority=task.options.priority if priority is None else priority,
             reply_to=reply_to,
         )

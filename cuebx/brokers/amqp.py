@@ -97,6 +97,8 @@ _LOST_CHANNEL = (
     ConnectionError,
     RuntimeError,
 )
+#: How a publish can end without a confirm (see `AmqpBroker._unconfirmed`).
+_UNCONFIRMED = (TimeoutError, asyncio.CancelledError, *_LOST_CHANNEL)
 
 
 class _Acks:
@@ -834,12 +836,6 @@ class AmqpBroker:
                 mandatory=True,
                 timeout=timeout,
             )
-        except TimeoutError:
-            raise PublishTimeoutError(
-                f"no confirm from {mask_url(self.node_url)} within {self.publish_timeout:g}s for "
-                f"message {message.message_id} to {_target(exchange, routing_key)}; it may or "
-                "may not have been stored"
-            ) from None
         except aiormq.exceptions.PublishError:
             raise UnroutableError(
                 f"message {message.message_id} to {_target(exchange, routing_key)} was "
@@ -847,26 +843,35 @@ class AmqpBroker:
             ) from None
         except aiormq.exceptions.DeliveryError:
             confirm = None
-        except _LOST_CHANNEL as exc:
-            raise PublishError(
-                f"message {message.message_id} to {_target(exchange, routing_key)} was not "
-                f"confirmed: {exc or type(exc).__name__}"
+        except _UNCONFIRMED as exc:
+            raise self._unconfirmed(
+                exc, f"message {message.message_id} to {_target(exchange, routing_key)}"
             ) from exc
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
-            # Not a cancellation of this publish: aiormq fails the frames of a connection it
-            # closed (a missed heartbeat) with its reader's CancelledError.
-            raise PublishError(
-                f"message {message.message_id} to {_target(exchange, routing_key)} was not "
-                "confirmed: the connection was lost"
-            ) from None
         if not isinstance(confirm, spec.Basic.Ack):
             await self._nacked(underlay)
             raise PublishError(
                 f"message {message.message_id} to {_target(exchange, routing_key)} was "
                 "nacked by the broker"
             )
+
+    def _unconfirmed(self, exc: BaseException, what: str) -> PublishError:
+        """The error for a publish of `what` that got no confirm, from how it failed.
+
+        The publish paths catch `_UNCONFIRMED` and raise what this returns, from `exc`. A
+        cancellation of the running task itself is no failure of the publish: it goes on.
+        """
+        if isinstance(exc, asyncio.CancelledError):
+            if _cancelling():
+                raise exc
+            # Not a cancellation of this publish: aiormq fails the frames of a connection it
+            # closed (a missed heartbeat) with its reader's CancelledError.
+            return PublishError(f"{what} was not confirmed: the connection was lost")
+        if isinstance(exc, TimeoutError):
+            return PublishTimeoutError(
+                f"no confirm from {mask_url(self.node_url)} within {self.publish_timeout:g}s for "
+                f"{what}; it may or may not have been stored"
+            )
+        return PublishError(f"{what} was not confirmed: {exc or type(exc).__name__}")
 
     async def consume_replies(self, on_reply: ReplyHandler, on_lost: LostHandler) -> str:
         underlay = self._publisher_underlay
@@ -919,18 +924,8 @@ class AmqpBroker:
                 properties=properties,
                 timeout=self.publish_timeout,
             )
-        except TimeoutError:
-            raise PublishTimeoutError(
-                f"no confirm within {self.publish_timeout:g}s for the reply to {reply_to!r}"
-            ) from None
-        except _LOST_CHANNEL as exc:
-            raise PublishError(f"the reply to {reply_to!r} was not confirmed: {exc}") from exc
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
-            raise PublishError(
-                f"the reply to {reply_to!r} was not confirmed: the connection was lost"
-            ) from None
+        except _UNCONFIRMED as exc:
+            raise self._unconfirmed(exc, f"the reply to {reply_to!r}") from exc
         if not isinstance(confirm, spec.Basic.Ack):
             raise PublishError(f"the reply to {reply_to!r} was nacked by the broker")
 
@@ -997,11 +992,6 @@ class AmqpBroker:
                 mandatory=True,
                 timeout=self.publish_timeout,
             )
-        except TimeoutError:
-            raise PublishTimeoutError(
-                f"no confirm from {mask_url(self.node_url)} within {self.publish_timeout:g}s "
-                f"for message {message.message_id} to {target}"
-            ) from None
         except aiormq.exceptions.PublishError:
             raise UnroutableError(
                 f"message {message.message_id} to {target} was returned: the queue does not "
@@ -1009,19 +999,8 @@ class AmqpBroker:
             ) from None
         except aiormq.exceptions.DeliveryError:
             return False  # nacked: the queue is full
-        except _LOST_CHANNEL as exc:
-            raise PublishError(
-                f"message {message.message_id} to {target} was not confirmed: "
-                f"{exc or type(exc).__name__}"
-            ) from exc
-        except asyncio.CancelledError:
-            if _cancelling():
-                raise
-            # aiormq's reader's CancelledError: the connection was lost (see `publish`).
-            raise PublishError(
-                f"message {message.message_id} to {target} was not confirmed: the connection "
-                "was lost"
-            ) from None
+        except _UNCONFIRMED as exc:
+            raise self._unconfirmed(exc, f"message {message.message_id} to {target}") from exc
         return isinstance(confirm, spec.Basic.Ack)
 
     async def _offer_channel(self) -> aiormq.abc.AbstractChannel:
