@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from cuebx import ConfigurationError, StoreUnavailableError
@@ -113,3 +114,32 @@ def test_an_unknown_store_scheme_names_the_schemes() -> None:
 def test_a_postgres_schema_must_be_a_plain_identifier() -> None:
     with pytest.raises(ConfigurationError, match="schema must be a plain identifier"):
         store_for_url("postgresql://localhost/db?schema=x;drop")
+
+
+async def test_writes_that_come_while_a_batch_is_on_its_way_go_together_as_the_next(
+    store: Store,
+) -> None:
+    """Group commit: one batch in flight; the writes that come meanwhile wait and go as one."""
+    from cuebx.results import _Writer
+
+    batches: list[list[str]] = []
+    gate = anyio.Event()
+    put = store.put_status
+
+    async def counted(writes: Sequence[StatusWrite]) -> None:
+        batches.append([w.task_id for w in writes])
+        if len(batches) == 1:
+            await gate.wait()  # the first batch is on its way while the others come
+        await put(writes)
+
+    store.put_status = counted  # type: ignore[method-assign]
+    writer = _Writer(store, backlog=100)
+    async with anyio.create_task_group() as group:
+        group.start_soon(writer.write, write("first", "succeeded"))
+        await wait_for(lambda: len(batches) == 1, what="the first batch on its way")
+        for i in range(20):  # one at a time, a loop turn apart
+            group.start_soon(writer.write, write(f"later{i}", "succeeded"))
+            await anyio.lowlevel.checkpoint()
+        gate.set()
+    assert batches == [["first"], [f"later{i}" for i in range(20)]]
+    assert await store.get_status("later19") == b"succeeded"
